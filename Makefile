@@ -1,0 +1,50 @@
+# postfach — every target creates .venv and installs into it, so it works on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DATA   ?= var
+# Debian programs the interop tests drive (real clients, as users run them).
+DEBIAN_TOOLS := swaks mbsync fetchmail mpop curl
+DEBIAN_PKGS  := swaks isync fetchmail mpop curl ca-certificates
+PYTEST_ARGS ?=
+
+.PHONY: install demo serve test lint bench fuzz clean tools
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
+	  echo "creating the virtualenv failed: on Debian/Ubuntu run 'apt-get install python3-venv'"; exit 1; }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	@touch $(STAMP)
+
+## make demo: set up a dev instance (demo domain, account, self-signed certificate) and run it.
+demo: $(STAMP)
+	$(BIN)/postfach demo --data $(DATA)
+
+serve: $(STAMP)
+	$(BIN)/postfach serve --data $(DATA)
+
+## Install the Debian clients the interop tests use, when missing (needs root or sudo).
+tools:
+	@missing=""; for t in $(DEBIAN_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the interop tests (missing:$$missing)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBIAN_PKGS) >/dev/null; \
+	fi
+
+test: $(STAMP) tools
+	PYTHONDONTWRITEBYTECODE=1 $(BIN)/pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick,) $(if $(COMPARE),--compare $(COMPARE),)
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

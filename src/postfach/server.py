@@ -1,0 +1,317 @@
+"""The server's lifecycle: listeners from config, TLS, signals, graceful shutdown, background jobs.
+
+Every listener is (protocol, address, port, TLS mode); any port can speak any protocol in any mode.
+Implicit TLS is done by ``start_tls`` on the accepted connection with the *current* context, so a
+SIGHUP certificate reload reaches new connections on every listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import itertools
+import logging
+import signal
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from postfach import log as plog
+from postfach.auth import Authenticator
+from postfach.config import Config, ListenerConfig
+from postfach.context import ConnectionInfo, ServerContext
+from postfach.net.tls import TlsManager
+from postfach.store import open_store
+
+log = logging.getLogger("postfach.server")
+access = logging.getLogger("postfach.access")
+
+Handler = Callable[[ServerContext, ConnectionInfo, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+_HANDLER_MODULES = {
+    "imap": "postfach.imap.connection",
+    "pop3": "postfach.pop3.connection",
+    "submission": "postfach.smtp.connection",
+    "mx": "postfach.smtp.connection",
+}
+
+#: What a protocol says when it must refuse a connection before its session starts.
+_BUSY = {
+    "imap": b"* BYE [UNAVAILABLE] Too many connections from your address\r\n",
+    "pop3": b"-ERR [SYS/TEMP] Too many connections from your address\r\n",
+    "submission": b"421 4.7.0 Too many connections from your address\r\n",
+    "mx": b"421 4.7.0 Too many connections from your address\r\n",
+}
+
+_ids = itertools.count(1)
+
+
+def load_handler(protocol: str) -> Handler:
+    module = importlib.import_module(_HANDLER_MODULES[protocol])
+    handler: Handler = module.handle
+    return handler
+
+
+@dataclass
+class BoundListener:
+    config: ListenerConfig
+    server: asyncio.Server
+    port: int
+
+
+class Server:
+    def __init__(self, config: Config, *, handlers: dict[str, Handler] | None = None) -> None:
+        self.config = config
+        self._handlers = handlers
+        self.listeners: list[BoundListener] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self.ctx: ServerContext | None = None
+        self.ready = asyncio.Event()
+        self._background: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- control ----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Thread-safe: begin a graceful shutdown."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def port_of(self, protocol: str, tls: str) -> int:
+        for b in self.listeners:
+            if b.config.protocol == protocol and b.config.tls == tls:
+                return b.port
+        raise KeyError((protocol, tls))
+
+    # --- running ----------------------------------------------------------------------------------
+    async def run(self, *, install_signals: bool = True, drain_seconds: float = 10.0) -> None:
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        store = open_store(cfg)
+        await store.open()
+        try:
+            tls = TlsManager(cfg)
+            ctx = ServerContext(
+                config=cfg,
+                store=store,
+                auth=Authenticator(store, cfg.auth),
+                tls_context=tls.context,
+            )
+            self.ctx = ctx
+            handlers = self._handlers or {p: load_handler(p) for p in {lst.protocol for lst in cfg.listeners}}
+            await self._start_services(ctx)
+            for lst in cfg.listeners:
+                await self._listen(ctx, lst, handlers[lst.protocol])
+            if install_signals:
+                self._install_signals(tls)
+            self.ready.set()
+            await self._stop.wait()
+            log.info("shutting down: finishing in-flight commands")
+            ctx.shutdown.set()
+            for b in self.listeners:
+                b.server.close()
+            if self._connections:
+                _done, pending = await asyncio.wait(set(self._connections), timeout=drain_seconds)
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=2)
+            await self._stop_services()
+        finally:
+            await store.close()
+            log.info("stopped")
+
+    def _install_signals(self, tls: TlsManager) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, tls.reload)
+
+    async def _start_services(self, ctx: ServerContext) -> None:
+        """Optional services of other rooms: each is used when its module is present."""
+        specs: list[tuple[str, str, str]] = [
+            ("dkim_signer", "postfach.dkim", "DkimSigner"),
+        ]
+        for key, module_name, cls_name in specs:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            ctx.services[key] = getattr(module, cls_name)(ctx.config)
+        try:
+            from postfach.dns import make_resolver
+            from postfach.smtp.inbound_checks import InboundChecker
+
+            ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config))
+        except ImportError:
+            pass
+        try:
+            from postfach.queue.scheduler import QueueRunner
+
+            runner = QueueRunner(ctx)
+            await runner.start()
+            ctx.services["queue"] = runner
+            self._background.append(runner)
+        except ImportError:
+            pass
+        try:
+            from postfach.backup import BackupScheduler  # type: ignore[attr-defined,unused-ignore]
+
+            if ctx.config.backup.enabled:
+                sched = BackupScheduler(ctx)
+                await sched.start()
+                ctx.services["backup"] = sched
+                self._background.append(sched)
+        except ImportError:
+            pass
+
+    async def _stop_services(self) -> None:
+        for svc in reversed(self._background):
+            try:
+                await svc.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(svc).__name__)
+
+    async def _listen(self, ctx: ServerContext, lst: ListenerConfig, handler: Handler) -> None:
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._connections.add(task)  # type: ignore[arg-type]
+            try:
+                await self._serve_one(ctx, lst, handler, reader, writer)
+            finally:
+                self._connections.discard(task)  # type: ignore[arg-type]
+
+        host: str | None = None if lst.address in ("", "*", "::", "0.0.0.0") else lst.address
+        family = socket.AF_UNSPEC
+        if lst.address == "0.0.0.0":
+            family = socket.AF_INET
+        server = await asyncio.start_server(
+            on_connect, host, lst.port, family=family, reuse_address=True, limit=2**16, backlog=512
+        )
+        port = server.sockets[0].getsockname()[1]
+        self.listeners.append(BoundListener(lst, server, port))
+        log.info("listening: %s on %s port %d (%s)", lst.protocol, lst.address or "*", port, lst.tls)
+
+    async def _serve_one(
+        self,
+        ctx: ServerContext,
+        lst: ListenerConfig,
+        handler: Handler,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        local = writer.get_extra_info("sockname") or ("?", 0)
+        remote_ip = str(peer[0])
+        if remote_ip.startswith("::ffff:"):
+            remote_ip = remote_ip[7:]
+        conn = ConnectionInfo(
+            listener=lst,
+            remote_ip=remote_ip,
+            remote_port=int(peer[1]),
+            local_ip=str(local[0]),
+            local_port=int(local[1]),
+            tls_active=False,
+            id=f"{lst.protocol[:4]}{next(_ids)}",
+        )
+        token = plog.connection_id.set(conn.id)
+        counts = ctx.connections_per_ip
+        counts[remote_ip] = counts.get(remote_ip, 0) + 1
+        try:
+            access.info("connect %s from %s:%d", lst.describe(), remote_ip, conn.remote_port)
+            if counts[remote_ip] > ctx.config.limits.max_connections_per_ip:
+                access.warning("refused %s: over max_connections_per_ip", remote_ip)
+                if lst.tls != "implicit":
+                    writer.write(_BUSY[lst.protocol])
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(writer.drain(), 5)
+                return
+            if lst.tls == "implicit":
+                try:
+                    await writer.start_tls(
+                        ctx.tls_context(),
+                        ssl_handshake_timeout=ctx.config.limits.tls_handshake_timeout_seconds,
+                    )
+                except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+                    access.info("TLS handshake failed from %s: %s", remote_ip, e)
+                    return
+                conn.tls_active = True
+            await handler(ctx, conn, reader, writer)
+        except (ConnectionError, TimeoutError, ssl.SSLError) as e:
+            access.info("connection from %s ended: %s", remote_ip, e)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s connection from %s", lst.protocol, remote_ip)
+        finally:
+            counts[remote_ip] -= 1
+            if counts[remote_ip] <= 0:
+                del counts[remote_ip]
+            with contextlib.suppress(Exception):
+                writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            access.info("disconnect %s", remote_ip)
+            plog.connection_id.reset(token)
+
+
+def client_settings(config: Config, address: str | None = None, *, bound: dict[tuple[str, str], int] | None = None) -> str:
+    """What a person types into a mail client, as a provider's help page shows it."""
+
+    def ports(protocol: str) -> list[str]:
+        out = []
+        for lst in config.listeners:
+            if lst.protocol != protocol:
+                continue
+            port = (bound or {}).get((lst.protocol, lst.tls), lst.port)
+            mode = {"starttls": "STARTTLS", "implicit": "SSL/TLS", "none": "no encryption"}[lst.tls]
+            out.append(f"{port} ({mode})")
+        return out
+
+    host = config.hostname
+    user = address or "your full email address"
+    rows = [
+        ("Incoming mail (IMAP)", host, ports("imap")),
+        ("Incoming mail (POP3)", host, ports("pop3")),
+        ("Outgoing mail (SMTP)", host, ports("submission")),
+    ]
+    lines = ["Mail client settings:"]
+    for label, h, p in rows:
+        if p:
+            lines.append(f"  {label:<22} server {h}, port {' or '.join(p)}")
+    lines.append(f"  {'User name':<22} {user}")
+    lines.append(f"  {'Password':<22} the account's password (normal password authentication)")
+    lines.append(f"  {'Outgoing server':<22} requires authentication with the same user name and password")
+    return "\n".join(lines)
+
+
+def run_forever(config: Config) -> int:
+    """``postfach serve``: run until SIGTERM/SIGINT; exit 0 after a graceful stop."""
+    try:
+        import uvloop
+
+        runner = uvloop.run
+        loop_name = "uvloop"
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+        loop_name = "asyncio"
+    server = Server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(server.run())
+        ready = asyncio.create_task(server.ready.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if server.ready.is_set():
+            bound = {(b.config.protocol, b.config.tls): b.port for b in server.listeners}
+            log.info("ready (%s, %d listeners)", loop_name, len(server.listeners))
+            print(client_settings(config, bound=bound), flush=True)
+        ready.cancel()
+        await task
+
+    runner(main())
+    return 0
