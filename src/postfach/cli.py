@@ -281,8 +281,7 @@ def cmd_user(args: argparse.Namespace) -> int:
             _print_json([_account_json(a) for a in accounts])
         else:
             rows = [
-                (a.address, human_size(a.used_bytes), human_size(a.quota_bytes), str(a.used_messages))
-                for a in accounts
+                (a.address, human_size(a.used_bytes), human_size(a.quota_bytes), str(a.used_messages)) for a in accounts
             ]
             print(table(rows, ("ADDRESS", "USED", "QUOTA", "MESSAGES")))
         return 0
@@ -342,8 +341,13 @@ def cmd_user(args: argparse.Namespace) -> int:
 
         async def setq(s: Store) -> Account:
             acct = await _need_account(s, address)
-            await s.set_quota(acct.id, size, acct.quota_messages if args.messages is None else (
-                None if args.messages.lower() == "none" else _int(args.messages, "--messages")))
+            await s.set_quota(
+                acct.id,
+                size,
+                acct.quota_messages
+                if args.messages is None
+                else (None if args.messages.lower() == "none" else _int(args.messages, "--messages")),
+            )
             return await _need_account(s, address)
 
         acct = with_store(config, setq)
@@ -473,7 +477,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with_store(config, setup)
         password_file.write_text(password + "\n", encoding="utf-8")
         password_file.chmod(0o600)
-    password = password_file.read_text(encoding="utf-8").strip() if password_file.exists() else "(see postfach user passwd)"
+    password = (
+        password_file.read_text(encoding="utf-8").strip() if password_file.exists() else "(see postfach user passwd)"
+    )
     print(f"Demo account: {DEMO_ADDRESS}  password: {password}")
     print("The certificate is self-signed: accept it in the mail client (or trust var/tls/cert.pem).")
     if args.no_serve:
@@ -501,9 +507,11 @@ def _optional_parsers(sub: argparse._SubParsersAction[Any], common: argparse.Arg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
-        "--data", default=argparse.SUPPRESS, metavar="DIR",
+        "--data",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
         help="data directory (default: $POSTFACH_DATA or ./var)",
     )
     p = _Parser(prog="postfach", description="postfach — a complete mail server", parents=[common])
@@ -586,4 +594,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0

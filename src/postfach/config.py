@@ -267,9 +267,7 @@ def _validate(cfg: Config, where: str) -> None:
             ipaddress.ip_address(lst.address)
         except ValueError:
             if lst.address not in ("", "*"):
-                raise ConfigError(
-                    f"{where}: {keypath}.address: {lst.address!r} is not an IP address"
-                ) from None
+                raise ConfigError(f"{where}: {keypath}.address: {lst.address!r} is not an IP address") from None
         if lst.port and (lst.address, lst.port) in seen:
             raise ConfigError(f"{where}: {keypath}: {lst.address}:{lst.port} is listed twice")
         seen.add((lst.address, lst.port))
@@ -283,13 +281,11 @@ def _validate(cfg: Config, where: str) -> None:
                 f"{where}: auth.cleartext_networks[{i}]: {net!r} is not a network (like 10.0.0.0/8)"
             ) from None
     if cfg.limits.imap_idle_timeout_seconds < 1800:
-        raise ConfigError(
-            f"{where}: limits.imap_idle_timeout_seconds: must be at least 1800 (RFC 9051 §5.4)"
-        )
+        raise ConfigError(f"{where}: limits.imap_idle_timeout_seconds: must be at least 1800 (RFC 9051 §5.4)")
     if cfg.limits.pop3_idle_timeout_seconds < 600:
         raise ConfigError(f"{where}: limits.pop3_idle_timeout_seconds: must be at least 600 (RFC 1939 §3)")
     if cfg.store.backend == "postgres" and not cfg.store.dsn:
-        raise ConfigError(f"{where}: store.dsn: required when store.backend is \"postgres\"")
+        raise ConfigError(f'{where}: store.dsn: required when store.backend is "postgres"')
     hh, _, mm = cfg.backup.time_of_day.partition(":")
     if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
         raise ConfigError(f"{where}: backup.time_of_day: {cfg.backup.time_of_day!r} is not HH:MM")
@@ -309,10 +305,10 @@ def parse(text: str, *, where: str, data_dir: Path) -> Config:
                 raise ConfigError(f"{where}: listener: expected [[listener]] tables")
             listeners = []
             for i, table in enumerate(value):
-                lst = _build(ListenerConfig, table, where, f"listener[{i}]")
                 for required in ("protocol", "port"):
-                    if required not in table:
+                    if isinstance(table, dict) and required not in table:
                         raise ConfigError(f"{where}: listener[{i}].{required}: missing")
+                lst = _build(ListenerConfig, table, where, f"listener[{i}]")
                 listeners.append(lst)
             kwargs["listeners"] = tuple(listeners)
         elif key in _SECTIONS:
@@ -378,8 +374,14 @@ def render_initial(
         "",
     ]
     for proto, port, tls in chosen:
-        lines += ["[[listener]]", f'protocol = "{proto}"', f'address = "{addr}"', f"port = {port}",
-                  f'tls = "{tls}"', ""]
+        lines += [
+            "[[listener]]",
+            f'protocol = "{proto}"',
+            f'address = "{addr}"',
+            f"port = {port}",
+            f'tls = "{tls}"',
+            "",
+        ]
     lines += ["[store]"]
     if store_dsn:
         lines += ['backend = "postgres"', f'dsn = "{store_dsn}"']

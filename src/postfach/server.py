@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,16 @@ _BUSY = {
 _ids = itertools.count(1)
 
 
+def _optional(module_name: str) -> Any:
+    """A module of another room, or None while that room has not landed."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            return None
+        raise
+
+
 def load_handler(protocol: str) -> Handler:
     module = importlib.import_module(_HANDLER_MODULES[protocol])
     handler: Handler = module.handle
@@ -67,7 +77,7 @@ class Server:
         self.config = config
         self._handlers = handlers
         self.listeners: list[BoundListener] = []
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self.ctx: ServerContext | None = None
         self.ready = asyncio.Event()
@@ -137,37 +147,25 @@ class Server:
             ("dkim_signer", "postfach.dkim", "DkimSigner"),
         ]
         for key, module_name, cls_name in specs:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue
-            ctx.services[key] = getattr(module, cls_name)(ctx.config)
-        try:
-            from postfach.dns import make_resolver
-            from postfach.smtp.inbound_checks import InboundChecker
-
-            ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config))
-        except ImportError:
-            pass
-        try:
-            from postfach.queue.scheduler import QueueRunner
-
-            runner = QueueRunner(ctx)
+            module = _optional(module_name)
+            if module is not None:
+                ctx.services[key] = getattr(module, cls_name)(ctx.config)
+        checks = _optional("postfach.smtp.inbound_checks")
+        dns = _optional("postfach.dns")
+        if checks is not None and dns is not None:
+            ctx.services["inbound_checks"] = checks.InboundChecker(ctx.config, dns.make_resolver(ctx.config))
+        queue = _optional("postfach.queue.scheduler")
+        if queue is not None:
+            runner = queue.QueueRunner(ctx)
             await runner.start()
             ctx.services["queue"] = runner
             self._background.append(runner)
-        except ImportError:
-            pass
-        try:
-            from postfach.backup import BackupScheduler  # type: ignore[attr-defined,unused-ignore]
-
-            if ctx.config.backup.enabled:
-                sched = BackupScheduler(ctx)
-                await sched.start()
-                ctx.services["backup"] = sched
-                self._background.append(sched)
-        except ImportError:
-            pass
+        backup = _optional("postfach.backup")
+        if backup is not None and ctx.config.backup.enabled and hasattr(backup, "BackupScheduler"):
+            sched = backup.BackupScheduler(ctx)
+            await sched.start()
+            ctx.services["backup"] = sched
+            self._background.append(sched)
 
     async def _stop_services(self) -> None:
         for svc in reversed(self._background):
@@ -180,11 +178,11 @@ class Server:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
-            self._connections.add(task)  # type: ignore[arg-type]
+            self._connections.add(task)
             try:
                 await self._serve_one(ctx, lst, handler, reader, writer)
             finally:
-                self._connections.discard(task)  # type: ignore[arg-type]
+                self._connections.discard(task)
 
         host: str | None = None if lst.address in ("", "*", "::", "0.0.0.0") else lst.address
         family = socket.AF_UNSPEC
@@ -260,7 +258,9 @@ class Server:
             plog.connection_id.reset(token)
 
 
-def client_settings(config: Config, address: str | None = None, *, bound: dict[tuple[str, str], int] | None = None) -> str:
+def client_settings(
+    config: Config, address: str | None = None, *, bound: dict[tuple[str, str], int] | None = None
+) -> str:
     """What a person types into a mail client, as a provider's help page shows it."""
 
     def ports(protocol: str) -> list[str]:
@@ -292,6 +292,7 @@ def client_settings(config: Config, address: str | None = None, *, bound: dict[t
 
 def run_forever(config: Config) -> int:
     """``postfach serve``: run until SIGTERM/SIGINT; exit 0 after a graceful stop."""
+    runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
 

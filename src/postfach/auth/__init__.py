@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -104,14 +105,14 @@ def password_problem(password: str, min_length: int) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, store: Store, cfg: AuthConfig, *, clock: object = None) -> None:
+    def __init__(self, store: Store, cfg: AuthConfig, *, clock: Callable[[], float] | None = None) -> None:
         self._store = store
         self._cfg = cfg
         self._hasher = make_hasher(cfg)
         self._dummy_hash = self._hasher.hash(_DUMMY_PASSWORD)
         self._failures = _Failures()
         self._networks = cfg.networks()
-        self._clock = time.monotonic
+        self._clock = clock or time.monotonic
 
     # --- policy -----------------------------------------------------------------------------------
     def cleartext_allowed(self, remote_ip: str) -> bool:
@@ -141,9 +142,7 @@ class Authenticator:
             return 0.0
         return float(min(self._cfg.failure_delay_seconds * (2**extra), self._cfg.max_failure_delay_seconds))
 
-    async def authenticate_credentials(
-        self, creds: Credentials, *, remote_ip: str, protocol: str
-    ) -> AuthResult:
+    async def authenticate_credentials(self, creds: Credentials, *, remote_ip: str, protocol: str) -> AuthResult:
         # RFC 4616 §2: an authzid equal to the authcid (neomutt sends it) is the same identity.
         if creds.authzid and creds.authzid.lower() != creds.authcid.lower():
             log.info("auth %s refused: authorization identity differs (ip=%s)", protocol, remote_ip)

@@ -276,9 +276,7 @@ class Store(Protocol):
     async def get_account_by_id(self, account_id: AccountId) -> Account | None: ...
     async def list_accounts(self, domain: str | None = None) -> list[Account]: ...
     async def set_password(self, account_id: AccountId, password_hash: str) -> None: ...
-    async def set_quota(
-        self, account_id: AccountId, quota_bytes: int | None, quota_messages: int | None
-    ) -> None: ...
+    async def set_quota(self, account_id: AccountId, quota_bytes: int | None, quota_messages: int | None) -> None: ...
     async def delete_account(self, account_id: AccountId) -> None: ...
 
     # --- aliases ----------------------------------------------------------------------------------
@@ -294,9 +292,7 @@ class Store(Protocol):
         """Name lookup; "inbox" in any case finds INBOX."""
 
     async def get_mailbox_by_id(self, account_id: AccountId, mailbox_id: MailboxId) -> Mailbox | None: ...
-    async def create_mailbox(
-        self, account_id: AccountId, name: str, special_use: str | None = None
-    ) -> Mailbox:
+    async def create_mailbox(self, account_id: AccountId, name: str, special_use: str | None = None) -> Mailbox:
         """AlreadyExists. Does not create parents (the IMAP layer decides about those)."""
 
     async def delete_mailbox(self, account_id: AccountId, mailbox_id: MailboxId) -> None:
@@ -346,9 +342,7 @@ class Store(Protocol):
     ) -> list[MessageMeta]:
         """The named messages that still exist, ascending by UID."""
 
-    async def mailbox_changes(
-        self, account_id: AccountId, mailbox_id: MailboxId, since: ModSeq
-    ) -> MailboxChanges: ...
+    async def mailbox_changes(self, account_id: AccountId, mailbox_id: MailboxId, since: ModSeq) -> MailboxChanges: ...
 
     async def store_flags(
         self,
@@ -365,9 +359,7 @@ class Store(Protocol):
     ) -> list[Uid]:
         """Removes messages flagged \\Deleted (only among ``uids`` when given). Returns what went."""
 
-    async def delete_messages(
-        self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid]
-    ) -> list[Uid]:
+    async def delete_messages(self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid]) -> list[Uid]:
         """Removes the named messages whatever their flags (POP3 DELE+QUIT)."""
 
     async def copy_messages(

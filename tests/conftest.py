@@ -1,0 +1,159 @@
+"""Shared fixtures: a data dir made by the real ``init``, and a real server on loopback.
+
+``live_server`` runs ``postfach.server.Server`` in a thread with its own event loop, listening on
+free ports (port 0) for every protocol in both TLS modes, with a real SQLite store in tmp_path and
+a self-signed certificate for ``localhost``. Blocking clients (imaplib, poplib, smtplib, mbsync,
+fetchmail, swaks) talk to it from the test thread; ``server.call(coro_fn)`` runs store work on the
+server's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import ssl
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from postfach.config import AuthConfig, Config, ListenerConfig
+from postfach.net.tls import generate_self_signed
+from postfach.store.base import Store
+
+T = TypeVar("T")
+
+PASSWORD = "secret-pass-1"
+USER = "user@example.org"
+OTHER = "other@example.org"
+
+# Cheap hashing in tests (pymap does the same); production defaults are argon2id t=3, m=64 MiB.
+FAST_AUTH = AuthConfig(argon2_time_cost=1, argon2_memory_kib=8, argon2_parallelism=1)
+
+_HANDLERS = {
+    "imap": "postfach.imap.connection",
+    "pop3": "postfach.pop3.connection",
+    "submission": "postfach.smtp.connection",
+    "mx": "postfach.smtp.connection",
+}
+
+
+def _available(protocol: str) -> bool:
+    try:
+        importlib.import_module(_HANDLERS[protocol])
+    except ImportError:
+        return False
+    return True
+
+
+def make_config(data_dir: Path, **overrides: Any) -> Config:
+    listeners = []
+    for proto in ("imap", "pop3", "submission", "mx"):
+        if not _available(proto):
+            continue
+        modes = ("starttls",) if proto == "mx" else ("starttls", "implicit")
+        for mode in modes:
+            listeners.append(ListenerConfig(protocol=proto, port=0, address="127.0.0.1", tls=mode))
+    cfg = Config(hostname="localhost", listeners=tuple(listeners), auth=FAST_AUTH, data_dir=data_dir)
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+@dataclass
+class LiveServer:
+    config: Config
+    server: Any
+    loop: asyncio.AbstractEventLoop
+    cafile: Path
+
+    @property
+    def store(self) -> Store:
+        assert self.server.ctx is not None
+        store: Store = self.server.ctx.store
+        return store
+
+    def port(self, protocol: str, tls: str = "starttls") -> int:
+        port: int = self.server.port_of(protocol, tls)
+        return port
+
+    def call(self, fn: Callable[[Store], Awaitable[T]], timeout: float = 30) -> T:
+        """Run ``fn(store)`` on the server's loop and wait for its result."""
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(_wrap(fn, self.store), self.loop)
+        return fut.result(timeout)
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.cafile))
+        return ctx
+
+
+async def _wrap(fn: Callable[[Store], Awaitable[T]], store: Store) -> T:
+    return await fn(store)
+
+
+def start_live_server(data_dir: Path, **overrides: Any) -> tuple[LiveServer, threading.Thread]:
+    from postfach.auth import make_hasher
+    from postfach.server import Server
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = make_config(data_dir, **overrides)
+    cert, key = config.path(config.tls.cert), config.path(config.tls.key)
+    if not cert.exists():
+        generate_self_signed("localhost", cert, key)
+    loop = asyncio.new_event_loop()
+    server = Server(config)
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            task = asyncio.create_task(server.run(install_signals=False, drain_seconds=3))
+            ready = asyncio.create_task(server.ready.wait())
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+            started.set()
+            ready.cancel()
+            await task
+
+        try:
+            loop.run_until_complete(main())
+        except BaseException as e:  # surfaced to the test below
+            errors.append(e)
+            started.set()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="postfach-live-server", daemon=True)
+    thread.start()
+    started.wait(60)
+    if errors:
+        raise errors[0]
+    live = LiveServer(config=config, server=server, loop=loop, cafile=cert)
+    hasher = make_hasher(config.auth)
+
+    async def setup(store: Store) -> None:
+        if await store.get_domain("example.org") is None:
+            await store.add_domain("example.org")
+        for addr in (USER, OTHER):
+            if await store.get_account(addr) is None:
+                await store.create_account(addr, hasher.hash(PASSWORD))
+
+    live.call(setup)
+    return live, thread
+
+
+def stop_live_server(live: LiveServer, thread: threading.Thread) -> None:
+    live.server.request_stop()
+    thread.join(30)
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    live, thread = start_live_server(tmp_path / "data")
+    try:
+        yield live
+    finally:
+        stop_live_server(live, thread)
