@@ -576,7 +576,10 @@ def _quiet_broken_pipe() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed in one line
+        return e.code if isinstance(e.code, int) else 2
     if args.command == "user" and args.action != "list" and not args.address:
         print(f"postfach: user {args.action} needs an ADDRESS", file=sys.stderr)
         return 2
