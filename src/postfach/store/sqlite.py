@@ -1,0 +1,2087 @@
+"""The embedded store: SQLite (WAL) for metadata, content-addressed files for message bytes.
+
+Threads (the Datasette pattern):
+
+* one **writer thread** owns the write connection. Write requests queue up; the writer takes as
+  many as are waiting (up to ``group_commit_max``), runs them in one ``BEGIN IMMEDIATE``
+  transaction, each inside its own SAVEPOINT (one failing request rolls back only itself), commits
+  once with ``synchronous=FULL`` and then resolves every request's future on the event loop.
+* a small pool of **reader threads**, each with its own connection; WAL gives every read a
+  consistent snapshot, and since a write is acknowledged only after its commit, a caller always
+  reads its own writes.
+* a pool of **blob threads** that hash, parse (``postfach.mail.parse_message``, cached as JSON in
+  the ``blob`` row) and write message files concurrently, before the request reaches the writer.
+
+Durability (ARCHITECTURE.md invariant 1), in the writer, per batch: first the blob barrier (one
+``syncfs(2)`` covering every file and folder the batch's requests wrote — see blobs.py; on
+platforms without it each blob thread fsyncs its file and folder instead), then ``BEGIN
+IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``; only then are the callers answered. The batch
+first runs without savepoints; if a request fails it is rolled back and run again with a
+SAVEPOINT per request, so one failure never fails its neighbours.
+
+Files of blobs whose refcount drops to 0 are removed after the commit. A crash between a blob
+file's rename and the commit leaves an unreferenced file; the next open that finds the "dirty"
+marker of an unclean shutdown removes such files (see ``_recover``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from postfach.errors import (
+    AlreadyExists,
+    MailboxInUse,
+    NotFound,
+    NotPermitted,
+    PostfachError,
+    QuotaExceeded,
+    StorageFull,
+    StoreError,
+    StoreUnavailable,
+)
+from postfach.mail import parse_message
+from postfach.store.base import (
+    DEFAULT_MAILBOXES,
+    HIERARCHY_DELIMITER,
+    SYSTEM_FLAGS,
+    Account,
+    Alias,
+    AppendResult,
+    Change,
+    ChangeKind,
+    CopyResult,
+    DeliveryTarget,
+    Domain,
+    FlagOp,
+    Mailbox,
+    MailboxChanges,
+    MailboxStatus,
+    MessageMeta,
+    Problem,
+    QueueItem,
+    QueueRecipient,
+    RecipientState,
+    StoreFlagsResult,
+)
+from postfach.store.blobs import FileBlobStore, fsync_dir, os_error, sha256_hex
+from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
+
+log = logging.getLogger("postfach.store")
+
+T = TypeVar("T")
+
+MAX_UID = 0xFFFFFFFF  # RFC 9051 §2.3.1.1: nz-number, 32 bits
+SUBSCRIPTION_QUEUE_SIZE = 1024
+QUEUE_CLAIM_SECONDS = 3600.0  # a claimed queue item returns to the pool if its worker went silent
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MIGRATION_RE = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
+_SYSTEM = {f.lower(): f for f in SYSTEM_FLAGS}
+
+
+# ------------------------------------------------------------------------------------- migrations
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations(folder: Path | None = None) -> list[Migration]:
+    """The numbered ``NNNN_name.sql`` files, in order; versions must run 1, 2, 3 ... without gaps."""
+    folder = folder or Path(__file__).parent / "migrations"
+    found: list[Migration] = []
+    for p in sorted(folder.iterdir()):
+        m = _MIGRATION_RE.match(p.name)
+        if m:
+            found.append(Migration(int(m.group(1)), p.stem, p.read_text("utf-8")))
+    for i, mig in enumerate(found, start=1):
+        if mig.version != i:
+            raise StoreError(f"migration {mig.name}: expected version {i} (no gaps allowed)")
+    return found
+
+
+def _statements(sql: str) -> Iterable[str]:
+    buf: list[str] = []
+    for line in sql.splitlines(keepends=True):
+        buf.append(line)
+        text = "".join(buf)
+        if sqlite3.complete_statement(text):
+            if text.strip() and not all(ln.strip().startswith("--") or not ln.strip() for ln in text.splitlines()):
+                yield text
+            buf = []
+    rest = "".join(buf)
+    if any(ln.strip() and not ln.strip().startswith("--") for ln in rest.splitlines()):
+        raise StoreError("migration ends with an incomplete SQL statement")
+
+
+def _apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration], where: Path) -> int:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+        " applied INTEGER NOT NULL)"
+    )
+    known = len(migrations)
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+            current = int(row[0])
+            if current > known:
+                raise StoreError(
+                    f"{where}: the data was written by a newer postfach (schema version {current}, "
+                    f"this program knows up to {known}); refusing to open it - upgrade postfach"
+                )
+            if current == known:
+                conn.execute("COMMIT")
+                return current
+            mig = migrations[current]
+            log.info("store %s: applying migration %s", where, mig.name)
+            for stmt in _statements(mig.sql):
+                conn.execute(stmt)
+            conn.execute(
+                "INSERT INTO schema_version (version, name, applied) VALUES (?, ?, ?)",
+                (mig.version, mig.name, _now_us()),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _to_us(dt: datetime) -> int:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def normalize_flags(flags: Iterable[str]) -> frozenset[str]:
+    """System flags in their canonical spelling; keywords kept as given, deduplicated
+    case-insensitively (RFC 9051 §2.3.2). \\Recent is a session property and never stored."""
+    out: dict[str, str] = {}
+    for f in flags:
+        if not f:
+            continue
+        low = f.lower()
+        if low == "\\recent":
+            continue
+        out.setdefault(low, _SYSTEM.get(low, f))
+    return frozenset(out.values())
+
+
+def _flags_text(flags: frozenset[str]) -> str:
+    return " ".join(sorted(flags))
+
+
+def _flags_from(text: str) -> frozenset[str]:
+    return frozenset(text.split()) if text else frozenset()
+
+
+def _apply_flag_op(cur: frozenset[str], op: FlagOp, flags: frozenset[str]) -> frozenset[str]:
+    if op is FlagOp.REPLACE:
+        return flags
+    lows = {f.lower() for f in flags}
+    if op is FlagOp.ADD:
+        have = {f.lower() for f in cur}
+        return cur | {f for f in flags if f.lower() not in have}
+    return frozenset(f for f in cur if f.lower() not in lows)
+
+
+def _norm_address(address: str) -> str:
+    return address.strip().lower()
+
+
+def _norm_mailbox_name(name: str) -> str:
+    """INBOX is case-insensitive (RFC 9051 §5.1), also as the first level of a hierarchy."""
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if name[:6].upper() == "INBOX" + HIERARCHY_DELIMITER:
+        return "INBOX" + name[5:]
+    return name
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """Never let a raw sqlite3/OSError reach a caller."""
+    if isinstance(exc, PostfachError):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            return StorageFull(f"database: {exc}")
+        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return StoreUnavailable(f"database busy: {exc}")
+        return StoreError(f"database error: {exc}")
+    if isinstance(exc, OSError):
+        return os_error(exc, "store")
+    return exc
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _abandoned(tx: _Tx) -> None:
+    raise StoreError("abandoned: the caller went away before the write")
+
+
+def _gc_only(tx: _Tx) -> None:
+    raise StoreError("no-op: only removes deferred blob files")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+def _parse_info(data: bytes) -> bytes | None:
+    """The cached parse result for a new blob; None when postfach.mail cannot parse it (then
+    ``message_info`` tries again on demand and reports the failure)."""
+    try:
+        return parse_message(data).to_json()
+    except Exception:  # malformed mail is stored as it is (invariant 7)
+        log.exception("parsing a message for the cache failed; it will be parsed on demand")
+        return None
+
+
+# ------------------------------------------------------------------------------ internal records
+
+
+@dataclass(slots=True)
+class _Tx:
+    """What one write request sees: the connection, and what to publish after the commit."""
+
+    conn: sqlite3.Connection
+    changes: list[Change] = field(default_factory=list)
+    dead_blobs: set[str] = field(default_factory=set)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _WriteRequest:
+    fn: Callable[[_Tx], Any]
+    future: asyncio.Future[Any] | None
+    pins: tuple[str, ...] = ()
+    new_blobs: tuple[str, ...] = ()
+    finished: bool = False  # _finish ran for it (pins released exactly once)
+
+
+@dataclass(frozen=True, slots=True)
+class _Blob:
+    id: str
+    size: int
+    info: bytes | None
+
+
+class _Subscription:
+    def __init__(self, store: SqliteStore, account_id: AccountId) -> None:
+        self.account_id = account_id
+        self._store = store
+        self._q: asyncio.Queue[Change] = asyncio.Queue(SUBSCRIPTION_QUEUE_SIZE)
+        self._closed = False
+
+    def _put(self, change: Change) -> None:
+        if self._q.full():
+            # Drop the oldest: the subscriber re-reads with mailbox_changes anyway; what
+            # matters is that it wakes up.
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._q.get_nowait()
+        self._q.put_nowait(change)
+
+    async def get(self) -> Change:
+        return await self._q.get()
+
+    def get_nowait(self) -> Change | None:
+        try:
+            return self._q.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._store._unsubscribe(self)
+
+
+class _MaildropLock:
+    def __init__(self, store: SqliteStore, account_id: AccountId) -> None:
+        self._store = store
+        self._account_id = account_id
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        if self._account_id in self._store._maildrop_locks:
+            raise MailboxInUse("the maildrop is locked by another session")
+        self._store._maildrop_locks.add(self._account_id)
+        self._held = True
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._held:
+            self._held = False
+            self._store._maildrop_locks.discard(self._account_id)
+
+
+class _FileBlobReader:
+    def __init__(self, store: SqliteStore, blob_id: str, size: int) -> None:
+        self._store = store
+        self._blob_id = blob_id
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        return await self._store._in_blob_thread(self._store._blobs.read_range, self._blob_id, offset, length)
+
+    async def close(self) -> None:
+        return None
+
+
+_MAILBOX_COLS = (
+    "m.id, m.account_id, m.name, m.special_use, m.uidvalidity, m.uidnext, m.highestmodseq, "
+    "EXISTS(SELECT 1 FROM subscription s WHERE s.account_id = m.account_id AND s.name = m.name)"
+    " AS subscribed"
+)
+_MESSAGE_COLS = "uid, modseq, flags, size, internaldate, blob_id, savedate"
+
+
+def _mailbox(row: sqlite3.Row) -> Mailbox:
+    return Mailbox(
+        id=MailboxId(row["id"]),
+        account_id=AccountId(row["account_id"]),
+        name=row["name"],
+        special_use=row["special_use"],
+        uidvalidity=UidValidity(row["uidvalidity"]),
+        uidnext=Uid(row["uidnext"]),
+        highestmodseq=ModSeq(row["highestmodseq"]),
+        subscribed=bool(row["subscribed"]),
+    )
+
+
+def _meta(row: sqlite3.Row) -> MessageMeta:
+    return MessageMeta(
+        uid=Uid(row["uid"]),
+        modseq=ModSeq(row["modseq"]),
+        flags=_flags_from(row["flags"]),
+        size=row["size"],
+        internaldate=_from_us(row["internaldate"]),
+        blob_id=BlobId(row["blob_id"]),
+        savedate=_from_us(row["savedate"]) if row["savedate"] is not None else None,
+    )
+
+
+def _account(row: sqlite3.Row) -> Account:
+    return Account(
+        id=AccountId(row["id"]),
+        address=row["address"],
+        password_hash=row["password_hash"],
+        quota_bytes=row["quota_bytes"],
+        quota_messages=row["quota_messages"],
+        used_bytes=row["used_bytes"],
+        used_messages=row["used_messages"],
+        created=_from_us(row["created"]),
+        disabled=bool(row["disabled"]),
+    )
+
+
+def _chunks(seq: Sequence[T], n: int = 500) -> Iterable[Sequence[T]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+# ------------------------------------------------------------------------------------------ store
+
+
+class SqliteStore:
+    """The embedded implementation of :class:`postfach.store.base.Store`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        group_commit_max: int = 256,
+        readers: int = 4,
+        blob_threads: int = 8,
+        migrations: Sequence[Migration] | None = None,
+        batch_sync: bool | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.group_commit_max = max(1, group_commit_max)
+        self._readers_n = max(1, readers)
+        self._blob_threads_n = max(1, blob_threads)
+        self._migrations = list(migrations) if migrations is not None else None
+        self._blobs = FileBlobStore(self.path / "blobs", batch_sync=batch_sync)
+        self._db_path = self.path / "meta.sqlite3"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wq: queue.SimpleQueue[_WriteRequest | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._read_pool: ThreadPoolExecutor | None = None
+        self._blob_pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._rconns: list[sqlite3.Connection] = []
+        self._rconns_lock = threading.Lock()
+        self._subs: dict[AccountId, set[_Subscription]] = {}
+        self._maildrop_locks: set[AccountId] = set()
+        self._queue_claims: dict[int, float] = {}
+        self._lock_fd: int | None = None
+        self._gc_lock = threading.Lock()
+        self._gc_paused = 0
+        self._gc_deferred: set[str] = set()
+        self._open = False
+        self.schema_version = 0
+
+    # ------------------------------------------------------------------------------- lifecycle
+    async def open(self) -> None:
+        if self._open:
+            return
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._open_sync)
+        self._read_pool = ThreadPoolExecutor(self._readers_n, thread_name_prefix="postfach-store-read")
+        self._blob_pool = ThreadPoolExecutor(self._blob_threads_n, thread_name_prefix="postfach-store-blob")
+        self._writer = threading.Thread(target=self._writer_main, name="postfach-store-writer", daemon=True)
+        self._writer.start()
+        self._open = True
+
+    def _open_sync(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise os_error(exc, f"store folder {self.path}") from exc
+        try:
+            exclusive = True
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                exclusive = False  # another process (e.g. the CLI beside the server) has it open
+            conn = _connect(self._db_path)
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"{self._db_path}: cannot switch to WAL mode (got {mode})")
+                migrations = self._migrations if self._migrations is not None else load_migrations()
+                self.schema_version = _apply_migrations(conn, migrations, self.path)
+            except BaseException:
+                conn.close()
+                raise
+            self._wconn = conn
+            self._blobs.prepare(clean_tmp=exclusive)
+            dirty = self.path / "dirty"
+            if exclusive:
+                if dirty.exists():
+                    self._recover(conn)
+                dirty.touch()
+                with contextlib.suppress(OSError):
+                    fsync_dir(self.path)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+            else:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        except BaseException as exc:
+            if self._wconn is not None:
+                self._wconn.close()
+                self._wconn = None
+            self._blobs.close()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise _translate(exc) from exc
+            raise
+
+    def _recover(self, conn: sqlite3.Connection) -> None:
+        """After an unclean shutdown: remove temp files and blob files no row refers to (written
+        and renamed, but the crash came before the commit; nobody was ever told they were stored)."""
+        known = {r[0] for r in conn.execute("SELECT id FROM blob")}
+        removed = 0
+        for name, p in self._blobs.iter_files():
+            if name not in known:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed += 1
+        if removed:
+            log.warning("store %s: removed %d unreferenced blob files after an unclean shutdown", self.path, removed)
+
+    async def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._wq.put(None)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.join)
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=True)
+        if self._blob_pool is not None:
+            self._blob_pool.shutdown(wait=True)
+        self._blobs.close()
+        with self._rconns_lock:
+            for c in self._rconns:
+                c.close()
+            self._rconns.clear()
+        self._local = threading.local()
+        if self._wconn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._wconn.close()
+            self._wconn = None
+        if self._lock_fd is not None:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with self._gc_lock:
+                    leftovers = bool(self._gc_deferred)
+                if not leftovers:  # else the next open removes them, as after a crash
+                    (self.path / "dirty").unlink(missing_ok=True)  # last one out: a clean shutdown
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        for subs in self._subs.values():
+            for s in subs:
+                s._closed = True
+        self._subs.clear()
+
+    @contextlib.contextmanager
+    def blob_gc_paused(self) -> Iterator[None]:
+        """While held (from any thread), blob files whose last reference went are kept: a backup
+        that copied the database can then hard-link every file its copy names. Removal catches
+        up when the last holder leaves. Not part of the Store protocol (SQLite layout only)."""
+        with self._gc_lock:
+            self._gc_paused += 1
+        try:
+            yield
+        finally:
+            with self._gc_lock:
+                self._gc_paused -= 1
+                deferred: set[str] = set()
+                if self._gc_paused == 0:
+                    deferred, self._gc_deferred = self._gc_deferred, set()
+            if deferred:
+                if self._open:
+                    # The writer re-checks each against the database and removes the dead ones.
+                    self._wq.put(_WriteRequest(_gc_only, None, (), tuple(deferred)))
+                else:
+                    with self._gc_lock:
+                        self._gc_deferred |= deferred
+
+    # --------------------------------------------------------------------------- thread plumbing
+    def _check_open(self) -> asyncio.AbstractEventLoop:
+        if not self._open or self._loop is None:
+            raise StoreUnavailable("the store is not open")
+        return self._loop
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = self._check_open()
+        assert self._read_pool is not None
+        return await loop.run_in_executor(self._read_pool, self._read_call, fn)
+
+    def _read_call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        try:
+            if conn is None:
+                conn = _connect(self._db_path)
+                conn.execute("PRAGMA query_only = ON")
+                self._local.conn = conn
+                with self._rconns_lock:
+                    self._rconns.append(conn)
+            conn.execute("BEGIN")  # one snapshot for the whole read
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+        except BaseException as exc:
+            t = _translate(exc)
+            if t is exc:
+                raise
+            raise t from exc
+
+    async def _in_blob_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = self._check_open()
+        assert self._blob_pool is not None
+        return await loop.run_in_executor(self._blob_pool, fn, *args)
+
+    async def _write(self, fn: Callable[[_Tx], T], pins: Sequence[str] = (), new_blobs: Sequence[str] = ()) -> T:
+        try:
+            loop = self._check_open()
+        except BaseException:
+            for p in pins:
+                self._blobs.unpin(p)
+            raise
+        fut: asyncio.Future[T] = loop.create_future()
+        # A caller cancelled while waiting does not stop the write (it may already be committed);
+        # consume the outcome so an unawaited failure is not reported as "never retrieved".
+        fut.add_done_callback(_consume)
+        self._wq.put(_WriteRequest(fn, fut, tuple(pins), tuple(new_blobs)))
+        return await asyncio.shield(fut)
+
+    def _abandon_ingest(self, gathered: asyncio.Future[list[_Blob | BaseException]]) -> None:
+        """The caller was cancelled during blob writes: once they finish, let the writer unpin the
+        new files and remove those nothing refers to."""
+        if gathered.cancelled():
+            return
+        ids = tuple(r.id for r in gathered.result() if isinstance(r, _Blob))
+        if not ids:
+            return
+        if not self._open or self._loop is None:
+            for i in ids:
+                self._blobs.unpin(i)
+            return
+        self._wq.put(_WriteRequest(_abandoned, None, ids, ids))
+
+    def _writer_main(self) -> None:
+        stop = False
+        while not stop:
+            first = self._wq.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.group_commit_max:
+                try:
+                    nxt = self._wq.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                self._run_batch(batch)
+            except BaseException:  # never let the writer die silently
+                log.exception("store writer: batch failed unexpectedly")
+                if self._wconn is not None and self._wconn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._wconn.execute("ROLLBACK")
+                self._finish([(r, False, StoreError("internal store error"), None) for r in batch])
+
+    def _run_batch(self, batch: list[_WriteRequest]) -> None:
+        conn = self._wconn
+        assert conn is not None
+        outcomes: list[tuple[_WriteRequest, bool, Any, _Tx | None]] = []
+        if any(r.fn is _gc_only or r.fn is _abandoned for r in batch):
+            # Clean-up requests do no SQL: "failing" them hands their blob ids to _finish, which
+            # removes the unreferenced ones.
+            outcomes = [(r, False, None, None) for r in batch if r.fn is _gc_only or r.fn is _abandoned]
+            batch = [r for r in batch if not (r.fn is _gc_only or r.fn is _abandoned)]
+            if not batch:
+                self._finish(outcomes)
+                return
+        if any(r.pins for r in batch):
+            # Blob files of this batch become durable before the commit that refers to them.
+            try:
+                self._blobs.barrier()
+            except OSError as exc:
+                err = _translate(exc)
+                outcomes += [(r, False, err, None) for r in batch if r.pins]
+                batch = [r for r in batch if not r.pins]
+                if not batch:
+                    self._finish(outcomes)
+                    return
+        if self._run_fast(conn, batch, outcomes):
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            err = _translate(exc)
+            self._finish(outcomes + [(r, False, err, None) for r in batch])
+            return
+        lost = False
+        for req in batch:
+            if lost:
+                outcomes.append((req, False, StoreUnavailable("transaction aborted; try again"), None))
+                continue
+            tx = _Tx(conn)
+            try:
+                conn.execute("SAVEPOINT req")
+            except sqlite3.Error as exc:
+                outcomes.append((req, False, _translate(exc), None))
+                lost = not conn.in_transaction
+                continue
+            try:
+                result = req.fn(tx)
+            except BaseException as exc:
+                try:
+                    conn.execute("ROLLBACK TO req")
+                    conn.execute("RELEASE req")
+                except sqlite3.Error:
+                    pass
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (e.g. SQLITE_FULL): the earlier
+                    # requests of this batch are gone too.
+                    outcomes = [
+                        (r, False, StoreUnavailable("transaction aborted; try again"), None) if ok else (r, ok, v, t)
+                        for r, ok, v, t in outcomes
+                    ]
+                    lost = True
+                outcomes.append((req, False, _translate(exc), None))
+                continue
+            conn.execute("RELEASE req")
+            outcomes.append((req, True, result, tx))
+        if conn.in_transaction:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                err = _translate(exc)
+                outcomes = [(r, False, err, None) if ok else (r, ok, v, t) for r, ok, v, t in outcomes]
+        self._finish(outcomes)
+
+    def _run_fast(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[_WriteRequest],
+        outcomes: list[tuple[_WriteRequest, bool, Any, _Tx | None]],
+    ) -> bool:
+        """The common case, without a SAVEPOINT per request: run the batch and commit. If a request
+        fails, roll everything back and return False so the batch runs again with savepoints
+        (requests are pure functions of the database, so running one twice is harmless). True
+        when the batch is finished."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            err = _translate(exc)
+            self._finish(outcomes + [(r, False, err, None) for r in batch])
+            return True
+        done: list[tuple[_WriteRequest, bool, Any, _Tx | None]] = []
+        for req in batch:
+            tx = _Tx(conn)
+            try:
+                result = req.fn(tx)
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                if len(batch) == 1:
+                    self._finish([*outcomes, (req, False, _translate(exc), None)])
+                    return True
+                return False
+            done.append((req, True, result, tx))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            err = _translate(exc)
+            done = [(r, False, err, None) for r, _, _, _ in done]
+        self._finish(outcomes + done)
+        return True
+
+    def _finish(self, outcomes: list[tuple[_WriteRequest, bool, Any, _Tx | None]]) -> None:
+        """After the commit: unpin, remove dead blob files, publish, resolve futures."""
+        changes: list[Change] = []
+        candidates: set[str] = set()
+        outcomes = [o for o in outcomes if not o[0].finished]
+        for req, ok, _value, tx in outcomes:
+            req.finished = True
+            for p in req.pins:
+                self._blobs.unpin(p)
+            if ok and tx is not None:
+                changes.extend(tx.changes)
+                candidates |= tx.dead_blobs
+                for cb in tx.after_commit:
+                    try:
+                        cb()
+                    except Exception:
+                        log.exception("store: after-commit hook failed")
+            elif not ok:
+                candidates.update(req.new_blobs)
+        if candidates:
+            # Before the callers hear back: once a delete returned, its files are gone.
+            self._remove_dead(candidates)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._resolve, [(r.future, ok, v) for r, ok, v, _ in outcomes], changes)
+
+    def _remove_dead(self, candidates: set[str]) -> None:
+        with self._gc_lock:
+            if self._gc_paused:
+                self._gc_deferred |= candidates
+                return
+        conn = self._wconn
+        assert conn is not None
+        for blob_id in candidates:
+            try:
+                row = conn.execute("SELECT 1 FROM blob WHERE id = ?", (blob_id,)).fetchone()
+            except sqlite3.Error:
+                continue
+            if row is None:
+                self._blobs.remove_if_unpinned(blob_id)
+
+    def _resolve(self, results: list[tuple[asyncio.Future[Any] | None, bool, Any]], changes: list[Change]) -> None:
+        for ch in changes:
+            for sub in list(self._subs.get(ch.account_id, ())):
+                sub._put(ch)
+        for fut, ok, value in results:
+            if fut is None or fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value if isinstance(value, BaseException) else StoreError("write failed"))
+
+    # --------------------------------------------------------------------------------- ingest
+    def _ingest_one(self, data: bytes) -> _Blob:
+        blob_id = sha256_hex(data)
+        self._blobs.pin(blob_id)
+        try:
+            created = self._blobs.ensure(blob_id, data)
+        except BaseException:
+            self._blobs.unpin(blob_id)
+            raise
+        del created  # parsed either way: the row may be new even when the file is not
+        return _Blob(blob_id, len(data), _parse_info(data))
+
+    async def _ingest(self, datas: Sequence[bytes]) -> list[_Blob]:
+        """Write (or find) the blob files, concurrently, each pinned until its request ends."""
+        gathered = asyncio.gather(*(self._in_blob_thread(self._ingest_one, d) for d in datas), return_exceptions=True)
+        try:
+            results = await asyncio.shield(gathered)
+        except asyncio.CancelledError:
+            gathered.add_done_callback(self._abandon_ingest)
+            raise
+        blobs: list[_Blob] = []
+        error: BaseException | None = None
+        for r in results:
+            if isinstance(r, BaseException):
+                error = error or r
+            else:
+                blobs.append(r)
+        if error is not None:
+            for b in blobs:
+                self._blobs.unpin(b.id)
+            t = _translate(error)
+            if t is error:
+                raise error
+            raise t from error
+        return blobs
+
+    # ------------------------------------------------------------------ transaction building blocks
+    @staticmethod
+    def _incref(tx: _Tx, blobs: Sequence[_Blob]) -> None:
+        # info is None when the file existed already (its row committed by a concurrent writer,
+        # or removed meanwhile): message_info then parses on demand.
+        tx.conn.executemany(
+            "INSERT INTO blob (id, size, refcount, info) VALUES (?, ?, 1, ?)"
+            " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1",
+            [(b.id, b.size, b.info) for b in blobs],
+        )
+
+    @staticmethod
+    def _decref(tx: _Tx, counts: Counter[str]) -> None:
+        conn = tx.conn
+        for blob_id, n in counts.items():
+            conn.execute("UPDATE blob SET refcount = refcount - ? WHERE id = ?", (n, blob_id))
+            row = conn.execute("SELECT refcount FROM blob WHERE id = ?", (blob_id,)).fetchone()
+            if row is not None and row[0] <= 0:
+                conn.execute("DELETE FROM blob WHERE id = ?", (blob_id,))
+                tx.dead_blobs.add(blob_id)
+
+    @staticmethod
+    def _mailbox_row(conn: sqlite3.Connection, account_id: AccountId, mailbox_id: MailboxId) -> sqlite3.Row:
+        row = conn.execute(
+            "SELECT id, name, uidvalidity, uidnext, highestmodseq FROM mailbox WHERE id = ? AND account_id = ?",
+            (mailbox_id, account_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound("no such mailbox")
+        return row  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _check_quota(conn: sqlite3.Connection, account_id: AccountId, add_bytes: int, add_messages: int) -> None:
+        row = conn.execute(
+            "SELECT quota_bytes, quota_messages, used_bytes, used_messages FROM account WHERE id = ?",
+            (account_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound("no such account")
+        qb, qm, ub, um = row
+        if add_bytes > 0 and qb is not None and ub + add_bytes > qb:
+            raise QuotaExceeded("mailbox storage quota exceeded", resource="STORAGE")
+        if add_messages > 0 and qm is not None and um + add_messages > qm:
+            raise QuotaExceeded("mailbox message-count quota exceeded", resource="MESSAGE")
+
+    @staticmethod
+    def _add_usage(
+        conn: sqlite3.Connection, account_id: AccountId, add_bytes: int, add_messages: int, *, check: bool = False
+    ) -> None:
+        """Adjust usage; with ``check``, refuse (QuotaExceeded) when the result is over quota.
+        The caller's transaction (or savepoint) is rolled back on the exception."""
+        if not (add_bytes or add_messages or check):
+            return
+        row = conn.execute(
+            "UPDATE account SET used_bytes = used_bytes + ?, used_messages = used_messages + ? WHERE id = ?"
+            " RETURNING quota_bytes, quota_messages, used_bytes, used_messages",
+            (add_bytes, add_messages, account_id),
+        ).fetchall()
+        if not row:
+            raise NotFound("no such account")
+        if check:
+            qb, qm, ub, um = row[0]
+            if add_bytes > 0 and qb is not None and ub > qb:
+                raise QuotaExceeded("mailbox storage quota exceeded", resource="STORAGE")
+            if add_messages > 0 and qm is not None and um > qm:
+                raise QuotaExceeded("mailbox message-count quota exceeded", resource="MESSAGE")
+
+    def _insert_messages(
+        self,
+        tx: _Tx,
+        account_id: AccountId,
+        mailbox_id: MailboxId,
+        entries: Sequence[tuple[_Blob, frozenset[str], int, int | None]],
+        *,
+        check_quota: bool = True,
+        count_usage: bool = True,
+    ) -> tuple[UidValidity, list[Uid], ModSeq]:
+        """entries: (blob, normalized flags, internaldate µs, savedate µs or None=now)."""
+        conn = tx.conn
+        n = len(entries)
+        total = sum(b.size for b, _, _, _ in entries)
+        if count_usage:
+            self._add_usage(conn, account_id, total, n, check=check_quota)
+        elif check_quota:
+            self._check_quota(conn, account_id, total, n)
+        # One statement takes the UIDs and the modseq (few statements: each one costs a GIL
+        # round trip in the writer thread).
+        mb = conn.execute(
+            "UPDATE mailbox SET uidnext = uidnext + ?, highestmodseq = highestmodseq + 1"
+            " WHERE id = ? AND account_id = ? RETURNING uidnext, highestmodseq, uidvalidity",
+            (n, mailbox_id, account_id),
+        ).fetchall()
+        if not mb:
+            raise NotFound("no such mailbox")
+        first = int(mb[0][0]) - n
+        if first + n - 1 > MAX_UID:
+            raise NotPermitted("the mailbox has run out of UIDs")
+        modseq = int(mb[0][1])
+        now = _now_us()
+        rows = []
+        uids: list[Uid] = []
+        for i, (blob, flags, idate, sdate) in enumerate(entries):
+            uid = first + i
+            rows.append(
+                (
+                    mailbox_id,
+                    uid,
+                    blob.id,
+                    blob.size,
+                    idate,
+                    sdate if sdate is not None else now,
+                    _flags_text(flags),
+                    int("\\Seen" in flags),
+                    int("\\Deleted" in flags),
+                    modseq,
+                )
+            )
+            uids.append(Uid(uid))
+        self._incref(tx, [b for b, _, _, _ in entries])
+        conn.executemany(
+            "INSERT INTO message (mailbox_id, uid, blob_id, size, internaldate, savedate, flags, seen, deleted,"
+            " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        tx.changes.append(Change(account_id, ChangeKind.APPEND, mailbox_id, ModSeq(modseq), tuple(uids)))
+        return UidValidity(int(mb[0][2])), uids, ModSeq(modseq)
+
+    def _remove_messages(
+        self,
+        tx: _Tx,
+        account_id: AccountId,
+        mailbox_id: MailboxId,
+        rows: Sequence[sqlite3.Row],
+        *,
+        count_usage: bool = True,
+        log_expunge: bool = True,
+    ) -> list[Uid]:
+        """Delete the given message rows (uid, blob_id, size), log the expunge with a new modseq."""
+        if not rows:
+            return []
+        conn = tx.conn
+        uids = sorted(int(r["uid"]) for r in rows)
+        modseq = 0
+        if log_expunge:
+            mb = conn.execute("SELECT highestmodseq FROM mailbox WHERE id = ?", (mailbox_id,)).fetchone()
+            modseq = int(mb[0]) + 1
+            conn.execute("UPDATE mailbox SET highestmodseq = ? WHERE id = ?", (modseq, mailbox_id))
+        conn.executemany("DELETE FROM message WHERE mailbox_id = ? AND uid = ?", [(mailbox_id, u) for u in uids])
+        if log_expunge:
+            conn.executemany(
+                "INSERT OR REPLACE INTO expunged (mailbox_id, uid, modseq) VALUES (?, ?, ?)",
+                [(mailbox_id, u, modseq) for u in uids],
+            )
+        self._decref(tx, Counter(str(r["blob_id"]) for r in rows))
+        if count_usage:
+            self._add_usage(conn, account_id, -sum(int(r["size"]) for r in rows), -len(rows))
+        if log_expunge:
+            tx.changes.append(
+                Change(account_id, ChangeKind.EXPUNGE, mailbox_id, ModSeq(modseq), tuple(Uid(u) for u in uids))
+            )
+        return [Uid(u) for u in uids]
+
+    @staticmethod
+    def _select_uids(
+        conn: sqlite3.Connection, mailbox_id: MailboxId, uids: Sequence[Uid], cols: str, extra: str = ""
+    ) -> list[sqlite3.Row]:
+        out: list[sqlite3.Row] = []
+        wanted = sorted(set(int(u) for u in uids))
+        for chunk in _chunks(wanted):
+            q = ",".join("?" * len(chunk))
+            out.extend(
+                conn.execute(
+                    f"SELECT {cols} FROM message WHERE mailbox_id = ? AND uid IN ({q}) {extra} ORDER BY uid",
+                    (mailbox_id, *chunk),
+                ).fetchall()
+            )
+        out.sort(key=lambda r: int(r["uid"]))
+        return out
+
+    @staticmethod
+    def _next_uidvalidity(conn: sqlite3.Connection) -> int:
+        """Time-based and strictly increasing across the whole store, so a mailbox deleted and
+        created again under the same name never repeats a UIDVALIDITY (RFC 9051 §2.3.1.1)."""
+        row = conn.execute("SELECT value FROM counter WHERE name = 'uidvalidity'").fetchone()
+        last = int(row[0]) if row else 0
+        value = max(int(time.time()), last + 1)
+        conn.execute(
+            "INSERT INTO counter (name, value) VALUES ('uidvalidity', ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (value,),
+        )
+        return value
+
+    def _create_mailbox_tx(self, tx: _Tx, account_id: AccountId, name: str, special_use: str | None) -> MailboxId:
+        conn = tx.conn
+        try:
+            cur = conn.execute(
+                "INSERT INTO mailbox (account_id, name, special_use, uidvalidity) VALUES (?, ?, ?, ?)",
+                (account_id, name, special_use, self._next_uidvalidity(conn)),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"mailbox {name!r} exists already") from exc
+        mid = MailboxId(int(cur.lastrowid or 0))
+        tx.changes.append(Change(account_id, ChangeKind.MAILBOX_CREATE, mid, name=name))
+        return mid
+
+    # ----------------------------------------------------------------------------------- domains
+    async def add_domain(self, name: str, quota_bytes: int | None = None) -> Domain:
+        name = name.strip().lower().rstrip(".")
+        if not name:
+            raise NotPermitted("empty domain name")
+
+        def fn(tx: _Tx) -> Domain:
+            now = _now_us()
+            try:
+                tx.conn.execute(
+                    "INSERT INTO domain (name, created, quota_bytes) VALUES (?, ?, ?)", (name, now, quota_bytes)
+                )
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(f"domain {name} exists already") from exc
+            return Domain(name, _from_us(now), quota_bytes)
+
+        return await self._write(fn)
+
+    async def list_domains(self) -> list[Domain]:
+        def fn(conn: sqlite3.Connection) -> list[Domain]:
+            return [
+                Domain(r["name"], _from_us(r["created"]), r["quota_bytes"])
+                for r in conn.execute("SELECT * FROM domain ORDER BY name")
+            ]
+
+        return await self._read(fn)
+
+    async def get_domain(self, name: str) -> Domain | None:
+        name = name.strip().lower().rstrip(".")
+
+        def fn(conn: sqlite3.Connection) -> Domain | None:
+            r = conn.execute("SELECT * FROM domain WHERE name = ?", (name,)).fetchone()
+            return Domain(r["name"], _from_us(r["created"]), r["quota_bytes"]) if r else None
+
+        return await self._read(fn)
+
+    async def delete_domain(self, name: str) -> None:
+        name = name.strip().lower().rstrip(".")
+
+        def fn(tx: _Tx) -> None:
+            conn = tx.conn
+            if conn.execute("SELECT 1 FROM domain WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no domain {name}")
+            if conn.execute("SELECT 1 FROM account WHERE domain = ? LIMIT 1", (name,)).fetchone():
+                raise NotPermitted(f"domain {name} still has accounts")
+            conn.execute("DELETE FROM alias WHERE domain = ?", (name,))
+            conn.execute("DELETE FROM domain WHERE name = ?", (name,))
+
+        await self._write(fn)
+
+    # ---------------------------------------------------------------------------------- accounts
+    async def create_account(
+        self,
+        address: str,
+        password_hash: str,
+        quota_bytes: int | None = None,
+        quota_messages: int | None = None,
+    ) -> Account:
+        address = _norm_address(address)
+        local, _, domain = address.rpartition("@")
+        if not local or not domain:
+            raise NotPermitted(f"not an address: {address!r}")
+
+        def fn(tx: _Tx) -> AccountId:
+            conn = tx.conn
+            d = conn.execute("SELECT quota_bytes FROM domain WHERE name = ?", (domain,)).fetchone()
+            if d is None:
+                raise NotFound(f"no domain {domain}")
+            qb = quota_bytes if quota_bytes is not None else d[0]
+            try:
+                cur = conn.execute(
+                    "INSERT INTO account (address, domain, password_hash, quota_bytes, quota_messages, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (address, domain, password_hash, qb, quota_messages, _now_us()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(f"account {address} exists already") from exc
+            aid = AccountId(int(cur.lastrowid or 0))
+            for name, special in DEFAULT_MAILBOXES:
+                self._create_mailbox_tx(tx, aid, name, special)
+                conn.execute("INSERT OR IGNORE INTO subscription (account_id, name) VALUES (?, ?)", (aid, name))
+            return aid
+
+        aid = await self._write(fn)
+        acct = await self.get_account_by_id(aid)
+        assert acct is not None
+        return acct
+
+    async def get_account(self, address: str) -> Account | None:
+        address = _norm_address(address)
+
+        def fn(conn: sqlite3.Connection) -> Account | None:
+            r = conn.execute("SELECT * FROM account WHERE address = ?", (address,)).fetchone()
+            return _account(r) if r else None
+
+        return await self._read(fn)
+
+    async def get_account_by_id(self, account_id: AccountId) -> Account | None:
+        def fn(conn: sqlite3.Connection) -> Account | None:
+            r = conn.execute("SELECT * FROM account WHERE id = ?", (account_id,)).fetchone()
+            return _account(r) if r else None
+
+        return await self._read(fn)
+
+    async def list_accounts(self, domain: str | None = None) -> list[Account]:
+        def fn(conn: sqlite3.Connection) -> list[Account]:
+            if domain is None:
+                rows = conn.execute("SELECT * FROM account ORDER BY address")
+            else:
+                rows = conn.execute(
+                    "SELECT * FROM account WHERE domain = ? ORDER BY address", (domain.strip().lower(),)
+                )
+            return [_account(r) for r in rows]
+
+        return await self._read(fn)
+
+    async def set_password(self, account_id: AccountId, password_hash: str) -> None:
+        def fn(tx: _Tx) -> None:
+            cur = tx.conn.execute("UPDATE account SET password_hash = ? WHERE id = ?", (password_hash, account_id))
+            if cur.rowcount == 0:
+                raise NotFound("no such account")
+            tx.changes.append(Change(account_id, ChangeKind.ACCOUNT))
+
+        await self._write(fn)
+
+    async def set_quota(self, account_id: AccountId, quota_bytes: int | None, quota_messages: int | None) -> None:
+        def fn(tx: _Tx) -> None:
+            cur = tx.conn.execute(
+                "UPDATE account SET quota_bytes = ?, quota_messages = ? WHERE id = ?",
+                (quota_bytes, quota_messages, account_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound("no such account")
+            tx.changes.append(Change(account_id, ChangeKind.ACCOUNT))
+
+        await self._write(fn)
+
+    async def delete_account(self, account_id: AccountId) -> None:
+        def fn(tx: _Tx) -> None:
+            conn = tx.conn
+            if conn.execute("SELECT 1 FROM account WHERE id = ?", (account_id,)).fetchone() is None:
+                raise NotFound("no such account")
+            counts: Counter[str] = Counter()
+            for r in conn.execute(
+                "SELECT m.blob_id, count(*) FROM message m JOIN mailbox b ON b.id = m.mailbox_id"
+                " WHERE b.account_id = ? GROUP BY m.blob_id",
+                (account_id,),
+            ):
+                counts[r[0]] += int(r[1])
+            mids = [r[0] for r in conn.execute("SELECT id FROM mailbox WHERE account_id = ?", (account_id,))]
+            for mid in mids:
+                conn.execute("DELETE FROM message WHERE mailbox_id = ?", (mid,))
+                conn.execute("DELETE FROM expunged WHERE mailbox_id = ?", (mid,))
+            conn.execute("DELETE FROM mailbox WHERE account_id = ?", (account_id,))
+            conn.execute("DELETE FROM subscription WHERE account_id = ?", (account_id,))
+            conn.execute("DELETE FROM account WHERE id = ?", (account_id,))
+            self._decref(tx, counts)
+            tx.changes.append(Change(account_id, ChangeKind.ACCOUNT))
+
+        await self._write(fn)
+
+    # ----------------------------------------------------------------------------------- aliases
+    async def add_alias(self, source: str, target: str) -> Alias:
+        source = _norm_address(source)
+        target = target.strip()
+        domain = source.rpartition("@")[2]
+        if "@" not in source or not domain or not target:
+            raise NotPermitted("an alias needs local@domain (or @domain) and a target")
+
+        def fn(tx: _Tx) -> Alias:
+            if tx.conn.execute("SELECT 1 FROM domain WHERE name = ?", (domain,)).fetchone() is None:
+                raise NotFound(f"no domain {domain}")
+            try:
+                tx.conn.execute("INSERT INTO alias (source, target, domain) VALUES (?, ?, ?)", (source, target, domain))
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(f"alias {source} -> {target} exists already") from exc
+            return Alias(source, target)
+
+        return await self._write(fn)
+
+    async def list_aliases(self, domain: str | None = None) -> list[Alias]:
+        def fn(conn: sqlite3.Connection) -> list[Alias]:
+            if domain is None:
+                rows = conn.execute("SELECT source, target FROM alias ORDER BY source, target")
+            else:
+                rows = conn.execute(
+                    "SELECT source, target FROM alias WHERE domain = ? ORDER BY source, target",
+                    (domain.strip().lower(),),
+                )
+            return [Alias(r[0], r[1]) for r in rows]
+
+        return await self._read(fn)
+
+    async def delete_alias(self, source: str, target: str) -> None:
+        source = _norm_address(source)
+        target = target.strip()
+
+        def fn(tx: _Tx) -> None:
+            cur = tx.conn.execute("DELETE FROM alias WHERE source = ? AND target = ?", (source, target))
+            if cur.rowcount == 0:
+                raise NotFound(f"no alias {source} -> {target}")
+
+        await self._write(fn)
+
+    async def aliases_for(self, source: str) -> list[Alias]:
+        source = _norm_address(source)
+
+        def fn(conn: sqlite3.Connection) -> list[Alias]:
+            rows = conn.execute("SELECT source, target FROM alias WHERE source = ? ORDER BY target", (source,))
+            return [Alias(r[0], r[1]) for r in rows]
+
+        return await self._read(fn)
+
+    # --------------------------------------------------------------------------------- mailboxes
+    async def list_mailboxes(self, account_id: AccountId) -> list[Mailbox]:
+        def fn(conn: sqlite3.Connection) -> list[Mailbox]:
+            rows = conn.execute(
+                f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = ? ORDER BY m.name <> 'INBOX', m.name",
+                (account_id,),
+            )
+            return [_mailbox(r) for r in rows]
+
+        return await self._read(fn)
+
+    async def get_mailbox(self, account_id: AccountId, name: str) -> Mailbox | None:
+        name = _norm_mailbox_name(name)
+
+        def fn(conn: sqlite3.Connection) -> Mailbox | None:
+            r = conn.execute(
+                f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = ? AND m.name = ?", (account_id, name)
+            ).fetchone()
+            return _mailbox(r) if r else None
+
+        return await self._read(fn)
+
+    async def get_mailbox_by_id(self, account_id: AccountId, mailbox_id: MailboxId) -> Mailbox | None:
+        def fn(conn: sqlite3.Connection) -> Mailbox | None:
+            r = conn.execute(
+                f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = ? AND m.id = ?",
+                (account_id, mailbox_id),
+            ).fetchone()
+            return _mailbox(r) if r else None
+
+        return await self._read(fn)
+
+    async def create_mailbox(self, account_id: AccountId, name: str, special_use: str | None = None) -> Mailbox:
+        name = _norm_mailbox_name(name)
+        if not name:
+            raise NotPermitted("empty mailbox name")
+
+        def fn(tx: _Tx) -> MailboxId:
+            if tx.conn.execute("SELECT 1 FROM account WHERE id = ?", (account_id,)).fetchone() is None:
+                raise NotFound("no such account")
+            return self._create_mailbox_tx(tx, account_id, name, special_use)
+
+        mid = await self._write(fn)
+        mb = await self.get_mailbox_by_id(account_id, mid)
+        assert mb is not None
+        return mb
+
+    async def delete_mailbox(self, account_id: AccountId, mailbox_id: MailboxId) -> None:
+        def fn(tx: _Tx) -> None:
+            conn = tx.conn
+            mb = self._mailbox_row(conn, account_id, mailbox_id)
+            if mb["name"] == "INBOX":
+                raise NotPermitted("INBOX cannot be deleted")
+            rows = conn.execute("SELECT uid, blob_id, size FROM message WHERE mailbox_id = ?", (mailbox_id,)).fetchall()
+            self._remove_messages(tx, account_id, mailbox_id, rows, log_expunge=False)
+            conn.execute("DELETE FROM expunged WHERE mailbox_id = ?", (mailbox_id,))
+            conn.execute("DELETE FROM mailbox WHERE id = ?", (mailbox_id,))
+            tx.changes.append(Change(account_id, ChangeKind.MAILBOX_DELETE, mailbox_id, name=mb["name"]))
+
+        await self._write(fn)
+
+    async def rename_mailbox(self, account_id: AccountId, mailbox_id: MailboxId, new_name: str) -> None:
+        new_name = _norm_mailbox_name(new_name)
+        if not new_name:
+            raise NotPermitted("empty mailbox name")
+
+        def fn(tx: _Tx) -> None:
+            conn = tx.conn
+            mb = self._mailbox_row(conn, account_id, mailbox_id)
+            old = str(mb["name"])
+            if new_name == old:
+                raise AlreadyExists(f"mailbox {new_name!r} exists already")
+            if conn.execute(
+                "SELECT 1 FROM mailbox WHERE account_id = ? AND name = ?", (account_id, new_name)
+            ).fetchone():
+                raise AlreadyExists(f"mailbox {new_name!r} exists already")
+            if old == "INBOX":
+                # RFC 9051 §6.3.6: INBOX's messages move to a new mailbox of the new name, INBOX
+                # stays (empty); INBOX's children are not affected.
+                dest = self._create_mailbox_tx(tx, account_id, new_name, None)
+                rows = conn.execute(
+                    f"SELECT {_MESSAGE_COLS} FROM message WHERE mailbox_id = ? ORDER BY uid", (mailbox_id,)
+                ).fetchall()
+                if rows:
+                    self._insert_messages(
+                        tx,
+                        account_id,
+                        dest,
+                        [
+                            (_Blob(r["blob_id"], r["size"], None), _flags_from(r["flags"]), r["internaldate"], None)
+                            for r in rows
+                        ],
+                        check_quota=False,
+                        count_usage=False,
+                    )
+                    self._remove_messages(tx, account_id, mailbox_id, rows, count_usage=False)
+                return
+            if new_name.startswith(old + HIERARCHY_DELIMITER):
+                raise NotPermitted("a mailbox cannot be moved below itself")
+            prefix = old + HIERARCHY_DELIMITER
+            children = [
+                (int(r[0]), str(r[1]))
+                for r in conn.execute(
+                    "SELECT id, name FROM mailbox WHERE account_id = ? AND substr(name, 1, ?) = ?",
+                    (account_id, len(prefix), prefix),
+                )
+            ]
+            renames = [(mailbox_id, old, new_name)] + [
+                (cid, cname, new_name + cname[len(old) :]) for cid, cname in children
+            ]
+            for _, _, nn in renames[1:]:
+                if conn.execute("SELECT 1 FROM mailbox WHERE account_id = ? AND name = ?", (account_id, nn)).fetchone():
+                    raise AlreadyExists(f"mailbox {nn!r} exists already")
+            # Two steps, so that renaming "a" -> "b" never collides with an old child name midway.
+            for mid, _, _ in renames:
+                conn.execute("UPDATE mailbox SET name = ? WHERE id = ?", (f"\x00renaming\x00{mid}", mid))
+            for mid, oname, nn in renames:
+                conn.execute("UPDATE mailbox SET name = ? WHERE id = ?", (nn, mid))
+                # Subscriptions follow the mailbox, as in Dovecot.
+                if conn.execute(
+                    "DELETE FROM subscription WHERE account_id = ? AND name = ?", (account_id, oname)
+                ).rowcount:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO subscription (account_id, name) VALUES (?, ?)", (account_id, nn)
+                    )
+                tx.changes.append(Change(account_id, ChangeKind.MAILBOX_RENAME, MailboxId(mid), name=nn))
+
+        await self._write(fn)
+
+    async def set_subscribed(self, account_id: AccountId, name: str, subscribed: bool) -> None:
+        name = _norm_mailbox_name(name)
+
+        def fn(tx: _Tx) -> None:
+            if tx.conn.execute("SELECT 1 FROM account WHERE id = ?", (account_id,)).fetchone() is None:
+                raise NotFound("no such account")
+            if subscribed:
+                tx.conn.execute(
+                    "INSERT OR IGNORE INTO subscription (account_id, name) VALUES (?, ?)", (account_id, name)
+                )
+            else:
+                tx.conn.execute("DELETE FROM subscription WHERE account_id = ? AND name = ?", (account_id, name))
+
+        await self._write(fn)
+
+    async def list_subscriptions(self, account_id: AccountId) -> list[str]:
+        def fn(conn: sqlite3.Connection) -> list[str]:
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT name FROM subscription WHERE account_id = ? ORDER BY name <> 'INBOX', name",
+                    (account_id,),
+                )
+            ]
+
+        return await self._read(fn)
+
+    async def mailbox_status(self, account_id: AccountId, mailbox_id: MailboxId) -> MailboxStatus:
+        def fn(conn: sqlite3.Connection) -> MailboxStatus:
+            r = conn.execute(
+                f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = ? AND m.id = ?",
+                (account_id, mailbox_id),
+            ).fetchone()
+            if r is None:
+                raise NotFound("no such mailbox")
+            c = conn.execute(
+                "SELECT count(*), coalesce(sum(1 - seen), 0), coalesce(sum(size), 0), coalesce(sum(deleted), 0),"
+                " min(CASE WHEN seen = 0 THEN uid END) FROM message WHERE mailbox_id = ?",
+                (mailbox_id,),
+            ).fetchone()
+            return MailboxStatus(
+                mailbox=_mailbox(r),
+                messages=int(c[0]),
+                unseen=int(c[1]),
+                size=int(c[2]),
+                deleted=int(c[3]),
+                first_unseen_uid=Uid(int(c[4])) if c[4] is not None else None,
+            )
+
+        return await self._read(fn)
+
+    async def claim_recent(self, account_id: AccountId, mailbox_id: MailboxId) -> Uid:
+        def fn(tx: _Tx) -> Uid:
+            conn = tx.conn
+            self._mailbox_row(conn, account_id, mailbox_id)
+            r = conn.execute("SELECT recent_uid, uidnext FROM mailbox WHERE id = ?", (mailbox_id,)).fetchone()
+            conn.execute("UPDATE mailbox SET recent_uid = uidnext WHERE id = ?", (mailbox_id,))
+            return Uid(int(r[0]))
+
+        return await self._write(fn)
+
+    # ---------------------------------------------------------------------------------- messages
+    async def append(
+        self,
+        account_id: AccountId,
+        mailbox_id: MailboxId,
+        data: bytes,
+        flags: frozenset[str] = frozenset(),
+        internaldate: datetime | None = None,
+    ) -> AppendResult:
+        return (await self.append_many(account_id, mailbox_id, [(data, flags, internaldate)]))[0]
+
+    async def append_many(
+        self,
+        account_id: AccountId,
+        mailbox_id: MailboxId,
+        items: Sequence[tuple[bytes, frozenset[str], datetime | None]],
+    ) -> list[AppendResult]:
+        if not items:
+            return []
+        self._check_open()
+        blobs = await self._ingest([bytes(d) for d, _, _ in items])
+        now = _now_us()
+        entries = [
+            (blob, normalize_flags(flags), _to_us(idate) if idate is not None else now, None)
+            for blob, (_, flags, idate) in zip(blobs, items, strict=True)
+        ]
+
+        def fn(tx: _Tx) -> list[AppendResult]:
+            uidvalidity, uids, modseq = self._insert_messages(tx, account_id, mailbox_id, entries)
+            return [AppendResult(mailbox_id, uidvalidity, u, modseq) for u in uids]
+
+        ids = [b.id for b in blobs]
+        return await self._write(fn, pins=ids, new_blobs=ids)
+
+    async def deliver(self, data: bytes, targets: Sequence[DeliveryTarget]) -> list[AppendResult]:
+        if not targets:
+            return []
+        self._check_open()
+        distinct: dict[bytes, int] = {}
+        for t in targets:
+            distinct.setdefault(t.prepend, len(distinct))
+        datas = [p + data if p else data for p in distinct]
+        blobs = await self._ingest(datas)
+        now = _now_us()
+
+        def fn(tx: _Tx) -> list[AppendResult]:
+            conn = tx.conn
+            # Resolve every target and check every quota first: nothing is written if any fails.
+            plans: list[tuple[DeliveryTarget, MailboxId, _Blob]] = []
+            need: dict[AccountId, tuple[int, int]] = {}
+            for t in targets:
+                blob = blobs[distinct[t.prepend]]
+                r = conn.execute(
+                    "SELECT id FROM mailbox WHERE account_id = ? AND name = ?",
+                    (t.account_id, _norm_mailbox_name(t.mailbox)),
+                ).fetchone()
+                if r is None:
+                    r = conn.execute(
+                        "SELECT id FROM mailbox WHERE account_id = ? AND name = 'INBOX'", (t.account_id,)
+                    ).fetchone()
+                if r is None:
+                    raise NotFound(f"no such account (id {t.account_id})")
+                plans.append((t, MailboxId(int(r[0])), blob))
+                b, n = need.get(t.account_id, (0, 0))
+                need[t.account_id] = (b + blob.size, n + 1)
+            for aid, (b, n) in need.items():
+                self._check_quota(conn, aid, b, n)
+            results: list[AppendResult] = []
+            for t, mid, blob in plans:
+                uv, uids, modseq = self._insert_messages(
+                    tx, t.account_id, mid, [(blob, normalize_flags(t.flags), now, None)], check_quota=False
+                )
+                results.append(AppendResult(mid, uv, uids[0], modseq))
+            return results
+
+        ids = [b.id for b in blobs]
+        return await self._write(fn, pins=ids, new_blobs=ids)
+
+    async def list_messages(self, account_id: AccountId, mailbox_id: MailboxId) -> list[MessageMeta]:
+        def fn(conn: sqlite3.Connection) -> list[MessageMeta]:
+            self._mailbox_row(conn, account_id, mailbox_id)
+            rows = conn.execute(f"SELECT {_MESSAGE_COLS} FROM message WHERE mailbox_id = ? ORDER BY uid", (mailbox_id,))
+            return [_meta(r) for r in rows]
+
+        return await self._read(fn)
+
+    async def get_messages(
+        self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid]
+    ) -> list[MessageMeta]:
+        def fn(conn: sqlite3.Connection) -> list[MessageMeta]:
+            self._mailbox_row(conn, account_id, mailbox_id)
+            return [_meta(r) for r in self._select_uids(conn, mailbox_id, uids, _MESSAGE_COLS)]
+
+        return await self._read(fn)
+
+    async def mailbox_changes(self, account_id: AccountId, mailbox_id: MailboxId, since: ModSeq) -> MailboxChanges:
+        def fn(conn: sqlite3.Connection) -> MailboxChanges:
+            r = conn.execute(
+                f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = ? AND m.id = ?",
+                (account_id, mailbox_id),
+            ).fetchone()
+            if r is None:
+                raise NotFound("no such mailbox")
+            changed = [
+                _meta(x)
+                for x in conn.execute(
+                    f"SELECT {_MESSAGE_COLS} FROM message WHERE mailbox_id = ? AND modseq > ? ORDER BY uid",
+                    (mailbox_id, since),
+                )
+            ]
+            expunged = [
+                Uid(int(x[0]))
+                for x in conn.execute(
+                    "SELECT uid FROM expunged WHERE mailbox_id = ? AND modseq > ? ORDER BY uid", (mailbox_id, since)
+                )
+            ]
+            return MailboxChanges(_mailbox(r), tuple(changed), tuple(expunged))
+
+        return await self._read(fn)
+
+    async def store_flags(
+        self,
+        account_id: AccountId,
+        mailbox_id: MailboxId,
+        uids: Sequence[Uid],
+        op: FlagOp,
+        flags: frozenset[str],
+        unchangedsince: ModSeq | None = None,
+    ) -> StoreFlagsResult:
+        flags = normalize_flags(flags)
+
+        def fn(tx: _Tx) -> StoreFlagsResult:
+            conn = tx.conn
+            mb = self._mailbox_row(conn, account_id, mailbox_id)
+            rows = self._select_uids(conn, mailbox_id, uids, _MESSAGE_COLS)
+            modseq = int(mb["highestmodseq"]) + 1
+            updated: list[MessageMeta] = []
+            unchanged: list[MessageMeta] = []
+            modified: list[Uid] = []
+            writes: list[tuple[str, int, int, int, int, int]] = []
+            for r in rows:
+                meta = _meta(r)
+                # RFC 7162 §3.1.3: fails UNCHANGEDSINCE when the message's modseq is greater.
+                if unchangedsince is not None and meta.modseq > unchangedsince:
+                    modified.append(meta.uid)
+                    continue
+                new = _apply_flag_op(meta.flags, op, flags)
+                if new == meta.flags:
+                    unchanged.append(meta)
+                    continue
+                writes.append(
+                    (_flags_text(new), int("\\Seen" in new), int("\\Deleted" in new), modseq, mailbox_id, meta.uid)
+                )
+                updated.append(
+                    MessageMeta(
+                        meta.uid, ModSeq(modseq), new, meta.size, meta.internaldate, meta.blob_id, meta.savedate
+                    )
+                )
+            if writes:
+                conn.executemany(
+                    "UPDATE message SET flags = ?, seen = ?, deleted = ?, modseq = ? WHERE mailbox_id = ? AND uid = ?",
+                    writes,
+                )
+                conn.execute("UPDATE mailbox SET highestmodseq = ? WHERE id = ?", (modseq, mailbox_id))
+                tx.changes.append(
+                    Change(account_id, ChangeKind.FLAGS, mailbox_id, ModSeq(modseq), tuple(m.uid for m in updated))
+                )
+            return StoreFlagsResult(tuple(updated), tuple(unchanged), tuple(modified))
+
+        return await self._write(fn)
+
+    async def expunge(
+        self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid] | None = None
+    ) -> list[Uid]:
+        def fn(tx: _Tx) -> list[Uid]:
+            conn = tx.conn
+            self._mailbox_row(conn, account_id, mailbox_id)
+            if uids is None:
+                rows = conn.execute(
+                    "SELECT uid, blob_id, size FROM message WHERE mailbox_id = ? AND deleted = 1", (mailbox_id,)
+                ).fetchall()
+            else:
+                rows = self._select_uids(conn, mailbox_id, uids, "uid, blob_id, size", "AND deleted = 1")
+            return self._remove_messages(tx, account_id, mailbox_id, rows)
+
+        return await self._write(fn)
+
+    async def delete_messages(self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid]) -> list[Uid]:
+        def fn(tx: _Tx) -> list[Uid]:
+            conn = tx.conn
+            self._mailbox_row(conn, account_id, mailbox_id)
+            rows = self._select_uids(conn, mailbox_id, uids, "uid, blob_id, size")
+            return self._remove_messages(tx, account_id, mailbox_id, rows)
+
+        return await self._write(fn)
+
+    def _copy_tx(
+        self,
+        tx: _Tx,
+        account_id: AccountId,
+        source_id: MailboxId,
+        uids: Sequence[Uid],
+        dest_id: MailboxId,
+        move: bool,
+    ) -> CopyResult:
+        conn = tx.conn
+        self._mailbox_row(conn, account_id, source_id)
+        dest = self._mailbox_row(conn, account_id, dest_id)
+        rows = self._select_uids(conn, source_id, uids, _MESSAGE_COLS)
+        if not rows:
+            return CopyResult(UidValidity(int(dest["uidvalidity"])), (), ())
+        entries = [
+            (
+                _Blob(r["blob_id"], r["size"], None),
+                _flags_from(r["flags"]),
+                int(r["internaldate"]),
+                None,
+            )
+            for r in rows
+        ]
+        # A move within the account leaves usage unchanged; a copy counts every copy (as
+        # Dovecot's quota does), and is refused as a whole when it does not fit.
+        uv, new_uids, _ = self._insert_messages(
+            tx, account_id, dest_id, entries, check_quota=not move, count_usage=not move
+        )
+        if move:
+            self._remove_messages(tx, account_id, source_id, rows, count_usage=False)
+        return CopyResult(uv, tuple(Uid(int(r["uid"])) for r in rows), tuple(new_uids))
+
+    async def copy_messages(
+        self, account_id: AccountId, source_id: MailboxId, uids: Sequence[Uid], dest_id: MailboxId
+    ) -> CopyResult:
+        return await self._write(lambda tx: self._copy_tx(tx, account_id, source_id, uids, dest_id, False))
+
+    async def move_messages(
+        self, account_id: AccountId, source_id: MailboxId, uids: Sequence[Uid], dest_id: MailboxId
+    ) -> CopyResult:
+        """RFC 6851 §3.3: new UIDs in the destination, then an expunge of the source messages,
+        all in one transaction."""
+        return await self._write(lambda tx: self._copy_tx(tx, account_id, source_id, uids, dest_id, True))
+
+    async def read_message(self, account_id: AccountId, mailbox_id: MailboxId, uid: Uid) -> bytes:
+        def fn(conn: sqlite3.Connection) -> str:
+            r = conn.execute(
+                "SELECT m.blob_id FROM message m JOIN mailbox b ON b.id = m.mailbox_id"
+                " WHERE m.mailbox_id = ? AND m.uid = ? AND b.account_id = ?",
+                (mailbox_id, uid, account_id),
+            ).fetchone()
+            if r is None:
+                raise NotFound("no such message")
+            return str(r[0])
+
+        blob_id = await self._read(fn)
+        return await self.read_blob(BlobId(blob_id))
+
+    async def open_blob(self, blob_id: BlobId) -> _FileBlobReader:
+        size = await self._in_blob_thread(self._blobs.size, blob_id)
+        return _FileBlobReader(self, blob_id, size)
+
+    async def read_blob(self, blob_id: BlobId) -> bytes:
+        return await self._in_blob_thread(self._blobs.read, blob_id)
+
+    async def message_info(self, blob_id: BlobId) -> bytes:
+        def fn(conn: sqlite3.Connection) -> bytes | None:
+            r = conn.execute("SELECT info FROM blob WHERE id = ?", (blob_id,)).fetchone()
+            if r is None:
+                raise NotFound("no such message data")
+            return bytes(r[0]) if r[0] is not None else None
+
+        info = await self._read(fn)
+        if info is not None:
+            return info
+        data = await self.read_blob(blob_id)
+        parsed = await self._in_blob_thread(_parse_info, data)
+        if parsed is None:
+            raise StoreError("the message could not be parsed")
+        return parsed
+
+    # -------------------------------------------------------------------------------- change feed
+    def subscribe(self, account_id: AccountId) -> _Subscription:
+        sub = _Subscription(self, account_id)
+        self._subs.setdefault(account_id, set()).add(sub)
+        return sub
+
+    def _unsubscribe(self, sub: _Subscription) -> None:
+        subs = self._subs.get(sub.account_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.account_id]
+
+    # -------------------------------------------------------------------------------- maildrop lock
+    def lock_maildrop(self, account_id: AccountId) -> _MaildropLock:
+        return _MaildropLock(self, account_id)
+
+    # ------------------------------------------------------------------------------------- queue
+    @staticmethod
+    def _queue_items(conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> list[QueueItem]:
+        items: list[QueueItem] = []
+        for r in rows:
+            rcpts = tuple(
+                QueueRecipient(
+                    address=x["address"],
+                    state=RecipientState(x["state"]),
+                    attempts=x["attempts"],
+                    last_error=x["last_error"],
+                    notify=x["notify"],
+                    orcpt=x["orcpt"],
+                )
+                for x in conn.execute("SELECT * FROM queue_recipient WHERE queue_id = ? ORDER BY idx", (r["id"],))
+            )
+            try:
+                extra = {str(k): str(v) for k, v in json.loads(r["extra"] or "{}").items()}
+            except (ValueError, AttributeError):
+                extra = {}
+            items.append(
+                QueueItem(
+                    id=QueueId(r["id"]),
+                    sender=r["sender"],
+                    recipients=rcpts,
+                    blob_id=BlobId(r["blob_id"]),
+                    size=r["size"],
+                    created=_from_us(r["created"]),
+                    next_attempt=_from_us(r["next_attempt"]),
+                    attempts=r["attempts"],
+                    last_error=r["last_error"],
+                    ret=r["ret"],
+                    envid=r["envid"],
+                    requiretls=bool(r["requiretls"]),
+                    smtputf8=bool(r["smtputf8"]),
+                    delay_warned=bool(r["delay_warned"]),
+                    extra=extra,
+                )
+            )
+        return items
+
+    async def queue_add(
+        self,
+        sender: str,
+        recipients: Sequence[QueueRecipient],
+        data: bytes,
+        *,
+        ret: str | None = None,
+        envid: str | None = None,
+        requiretls: bool = False,
+        smtputf8: bool = False,
+    ) -> QueueItem:
+        if not recipients:
+            raise NotPermitted("a queue item needs at least one recipient")
+        self._check_open()
+        (blob,) = await self._ingest([bytes(data)])
+        now = _now_us()
+
+        def fn(tx: _Tx) -> int:
+            conn = tx.conn
+            self._incref(tx, [blob])
+            cur = conn.execute(
+                "INSERT INTO queue (sender, blob_id, size, created, next_attempt, ret, envid, requiretls, smtputf8)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sender, blob.id, blob.size, now, now, ret, envid, int(requiretls), int(smtputf8)),
+            )
+            qid = int(cur.lastrowid or 0)
+            conn.executemany(
+                "INSERT INTO queue_recipient (queue_id, idx, address, state, attempts, last_error, notify, orcpt)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (qid, i, r.address, r.state.value, r.attempts, r.last_error, r.notify, r.orcpt)
+                    for i, r in enumerate(recipients)
+                ],
+            )
+            return qid
+
+        qid = await self._write(fn, pins=[blob.id], new_blobs=[blob.id])
+        item = await self.queue_get(QueueId(qid))
+        assert item is not None
+        return item
+
+    async def queue_due(self, now: datetime, limit: int = 100) -> list[QueueItem]:
+        now_us = _to_us(now)
+        mono = time.monotonic()
+        for qid, at in list(self._queue_claims.items()):
+            if mono - at > QUEUE_CLAIM_SECONDS:
+                del self._queue_claims[qid]
+        claimed = set(self._queue_claims)
+
+        def fn(conn: sqlite3.Connection) -> list[QueueItem]:
+            rows = conn.execute(
+                "SELECT * FROM queue q WHERE q.next_attempt <= ? AND EXISTS (SELECT 1 FROM queue_recipient r"
+                " WHERE r.queue_id = q.id AND r.state = 'pending') ORDER BY q.next_attempt, q.id",
+                (now_us,),
+            ).fetchall()
+            rows = [r for r in rows if int(r["id"]) not in claimed][: max(0, limit)]
+            return self._queue_items(conn, rows)
+
+        items = await self._read(fn)
+        out: list[QueueItem] = []
+        for it in items:  # claim on the event loop: two workers of this process never share one
+            if it.id not in self._queue_claims:
+                self._queue_claims[it.id] = time.monotonic()
+                out.append(it)
+        return out
+
+    async def queue_get(self, queue_id: QueueId) -> QueueItem | None:
+        def fn(conn: sqlite3.Connection) -> QueueItem | None:
+            rows = conn.execute("SELECT * FROM queue WHERE id = ?", (queue_id,)).fetchall()
+            items = self._queue_items(conn, rows)
+            return items[0] if items else None
+
+        return await self._read(fn)
+
+    async def queue_list(self) -> list[QueueItem]:
+        def fn(conn: sqlite3.Connection) -> list[QueueItem]:
+            return self._queue_items(conn, conn.execute("SELECT * FROM queue ORDER BY id").fetchall())
+
+        return await self._read(fn)
+
+    def _queue_remove_tx(self, tx: _Tx, queue_id: int) -> None:
+        conn = tx.conn
+        r = conn.execute("SELECT blob_id FROM queue WHERE id = ?", (queue_id,)).fetchone()
+        if r is None:
+            raise NotFound(f"no queue item {queue_id}")
+        conn.execute("DELETE FROM queue_recipient WHERE queue_id = ?", (queue_id,))
+        conn.execute("DELETE FROM queue WHERE id = ?", (queue_id,))
+        self._decref(tx, Counter({str(r[0]): 1}))
+
+    async def queue_update(
+        self,
+        queue_id: QueueId,
+        recipients: Sequence[QueueRecipient],
+        next_attempt: datetime,
+        last_error: str | None,
+        delay_warned: bool | None = None,
+    ) -> None:
+        next_us = _to_us(next_attempt)
+
+        def fn(tx: _Tx) -> None:
+            conn = tx.conn
+            if conn.execute("SELECT 1 FROM queue WHERE id = ?", (queue_id,)).fetchone() is None:
+                raise NotFound(f"no queue item {queue_id}")
+            for rc in recipients:
+                conn.execute(
+                    "UPDATE queue_recipient SET state = ?, attempts = ?, last_error = ?, notify = ?, orcpt = ?"
+                    " WHERE queue_id = ? AND address = ?",
+                    (rc.state.value, rc.attempts, rc.last_error, rc.notify, rc.orcpt, queue_id, rc.address),
+                )
+            conn.execute(
+                "UPDATE queue SET attempts = attempts + 1, next_attempt = ?, last_error = ?,"
+                " delay_warned = coalesce(?, delay_warned) WHERE id = ?",
+                (next_us, last_error, None if delay_warned is None else int(delay_warned), queue_id),
+            )
+            pending = conn.execute(
+                "SELECT 1 FROM queue_recipient WHERE queue_id = ? AND state = 'pending' LIMIT 1", (queue_id,)
+            ).fetchone()
+            if pending is None:
+                self._queue_remove_tx(tx, queue_id)
+
+        try:
+            await self._write(fn)
+        finally:
+            self._queue_claims.pop(queue_id, None)
+
+    async def queue_retry(self, queue_id: QueueId | None = None) -> int:
+        now = _now_us()
+
+        def fn(tx: _Tx) -> int:
+            if queue_id is None:
+                cur = tx.conn.execute("UPDATE queue SET next_attempt = ?", (now,))
+            else:
+                cur = tx.conn.execute("UPDATE queue SET next_attempt = ? WHERE id = ?", (now, queue_id))
+            return int(cur.rowcount)
+
+        return await self._write(fn)
+
+    async def queue_delete(self, queue_id: QueueId) -> None:
+        try:
+            await self._write(lambda tx: self._queue_remove_tx(tx, queue_id))
+        finally:
+            self._queue_claims.pop(queue_id, None)
+
+    # ------------------------------------------------------------------------------- maintenance
+    async def check(self) -> list[Problem]:
+        def fn(conn: sqlite3.Connection) -> tuple[list[Problem], dict[str, Path]]:
+            problems: list[Problem] = []
+            blobs = {str(r[0]): (int(r[1]), int(r[2])) for r in conn.execute("SELECT id, size, refcount FROM blob")}
+            refs: Counter[str] = Counter()
+            for r in conn.execute("SELECT blob_id, count(*) FROM message GROUP BY blob_id"):
+                refs[str(r[0])] += int(r[1])
+            for r in conn.execute("SELECT blob_id, count(*) FROM queue GROUP BY blob_id"):
+                refs[str(r[0])] += int(r[1])
+            for blob_id, n in sorted(refs.items()):
+                if blob_id not in blobs:
+                    problems.append(Problem("missing-blob", f"{n} references to blob {blob_id} without a row"))
+            for blob_id, (size, refcount) in sorted(blobs.items()):
+                if refcount != refs.get(blob_id, 0):
+                    problems.append(
+                        Problem("refcount", f"blob {blob_id}: refcount {refcount}, references {refs.get(blob_id, 0)}")
+                    )
+                p = self._blobs.path_for(blob_id)
+                try:
+                    h = hashlib.sha256()
+                    n = 0
+                    with p.open("rb") as f:
+                        while chunk := f.read(1 << 20):
+                            h.update(chunk)
+                            n += len(chunk)
+                except FileNotFoundError:
+                    problems.append(Problem("missing-blob", f"blob {blob_id}: file {p} is missing"))
+                    continue
+                except OSError as exc:
+                    problems.append(Problem("unreadable-blob", f"blob {blob_id}: {exc}"))
+                    continue
+                if h.hexdigest() != blob_id:
+                    problems.append(Problem("bad-hash", f"blob {blob_id}: file content has sha256 {h.hexdigest()}"))
+                if n != size:
+                    problems.append(Problem("bad-size", f"blob {blob_id}: row says {size} bytes, file has {n}"))
+            for r in conn.execute(
+                "SELECT a.id, a.address, a.used_bytes, a.used_messages,"
+                " (SELECT coalesce(sum(m.size), 0) FROM message m JOIN mailbox b ON b.id = m.mailbox_id"
+                "  WHERE b.account_id = a.id),"
+                " (SELECT count(*) FROM message m JOIN mailbox b ON b.id = m.mailbox_id WHERE b.account_id = a.id)"
+                " FROM account a"
+            ):
+                if (r[2], r[3]) != (r[4], r[5]):
+                    problems.append(
+                        Problem(
+                            "counter",
+                            f"account {r[1]}: usage says {r[2]} bytes/{r[3]} messages, recount {r[4]}/{r[5]}",
+                        )
+                    )
+            for r in conn.execute(
+                "SELECT b.id, b.name, b.uidnext, b.highestmodseq,"
+                " max(coalesce((SELECT max(uid) FROM message WHERE mailbox_id = b.id), 0),"
+                "     coalesce((SELECT max(uid) FROM expunged WHERE mailbox_id = b.id), 0)),"
+                " max(coalesce((SELECT max(modseq) FROM message WHERE mailbox_id = b.id), 0),"
+                "     coalesce((SELECT max(modseq) FROM expunged WHERE mailbox_id = b.id), 0))"
+                " FROM mailbox b"
+            ):
+                if r[2] <= r[4]:
+                    problems.append(Problem("uidnext", f"mailbox {r[0]} {r[1]!r}: uidnext {r[2]} <= max uid {r[4]}"))
+                if r[3] < r[5]:
+                    problems.append(
+                        Problem("modseq", f"mailbox {r[0]} {r[1]!r}: highestmodseq {r[3]} < max modseq {r[5]}")
+                    )
+            orphans: dict[str, Path] = {}
+            try:
+                for name, p in self._blobs.iter_files():
+                    if self._blobs.is_temp(name):
+                        continue  # a write in progress (a crash's leftovers go at the next open)
+                    if name not in blobs and not self._blobs.pinned(name) and name not in self._gc_deferred:
+                        orphans[name] = p
+            except OSError as exc:
+                problems.append(Problem("unreadable-blob", f"blob folder: {exc}"))
+            return problems, orphans
+
+        problems, orphans = await self._read(fn)
+        if orphans:
+            # Our snapshot predates the folder walk: a write may have committed since. Look again.
+            def recheck(conn: sqlite3.Connection) -> set[str]:
+                return {n for n in orphans if conn.execute("SELECT 1 FROM blob WHERE id = ?", (n,)).fetchone()}
+
+            now_known = await self._read(recheck)
+            problems += [
+                Problem("orphan-blob", f"file {p} has no blob row")
+                for n, p in sorted(orphans.items())
+                if n not in now_known
+            ]
+        return problems
+
+    async def recount_usage(self, account_id: AccountId) -> tuple[int, int]:
+        def fn(tx: _Tx) -> tuple[int, int]:
+            conn = tx.conn
+            if conn.execute("SELECT 1 FROM account WHERE id = ?", (account_id,)).fetchone() is None:
+                raise NotFound("no such account")
+            r = conn.execute(
+                "SELECT coalesce(sum(m.size), 0), count(*) FROM message m JOIN mailbox b ON b.id = m.mailbox_id"
+                " WHERE b.account_id = ?",
+                (account_id,),
+            ).fetchone()
+            conn.execute("UPDATE account SET used_bytes = ?, used_messages = ? WHERE id = ?", (r[0], r[1], account_id))
+            return int(r[0]), int(r[1])
+
+        return await self._write(fn)
+
+
+__all__ = ["Migration", "SqliteStore", "load_migrations", "normalize_flags"]

@@ -1,0 +1,66 @@
+"""Shared helpers for the store contract suite (imported by the test modules of this folder).
+
+The suite is parametrized by backend; only "sqlite" exists now (PostgreSQL is issue 9). It joins
+by adding its name to ``BACKENDS`` and a branch to ``new_store``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from postfach.store.base import Store
+from postfach.store.sqlite import SqliteStore
+from postfach.types import AccountId, MailboxId
+
+BACKENDS = ["sqlite"]
+
+
+def backend_params() -> list[object]:
+    return [pytest.param(name, id=name) for name in BACKENDS]
+
+
+def new_store(backend: str, path: Path, **kw: int) -> Store:
+    if backend == "sqlite":
+        return SqliteStore(path, **kw)  # type: ignore[arg-type]
+    raise AssertionError(f"unknown backend {backend}")
+
+
+@asynccontextmanager
+async def opened(backend: str, path: Path, **kw: int) -> AsyncIterator[Store]:
+    store = new_store(backend, path, **kw)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def msg(n: int, size: int = 0, tag: str = "") -> bytes:
+    """A small distinct RFC 5322 message (padded to about ``size`` bytes)."""
+    head = (
+        f"From: Sender <sender@example.org>\r\nTo: user@example.com\r\nSubject: test {tag}{n}\r\n"
+        f"Message-ID: <{tag}{n}.{os.getpid()}@example.org>\r\nDate: Fri, 27 Nov 2026 09:00:00 +0000\r\n\r\n"
+    ).encode()
+    body = f"Body of message {tag}{n}.\r\n".encode()
+    if size > len(head) + len(body):
+        line = b"x" * 76 + b"\r\n"
+        need = size - len(head) - len(body)
+        body += (line * (need // len(line) + 1))[:need]
+    return head + body
+
+
+async def account_with_inbox(
+    store: Store, address: str = "user@example.com", **quota: int | None
+) -> tuple[AccountId, MailboxId]:
+    domain = address.rpartition("@")[2]
+    if await store.get_domain(domain) is None:
+        await store.add_domain(domain)
+    acct = await store.create_account(address, "$argon2id$fake", **quota)
+    inbox = await store.get_mailbox(acct.id, "INBOX")
+    assert inbox is not None
+    return acct.id, inbox.id
