@@ -51,6 +51,7 @@ def _read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 60) -
     raise AssertionError(f"{needle!r} not seen; output:\n" + "\n".join(lines))
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
 def test_serve_listens_prints_settings_and_stops_on_sigterm(tmp_path: Path) -> None:
     d = _init(tmp_path)
     proc = _start(d)
@@ -69,7 +70,7 @@ def test_serve_listens_prints_settings_and_stops_on_sigterm(tmp_path: Path) -> N
         # an implicit-TLS listener speaks TLS with the generated certificate (DNS name localhost)
         ctx = ssl.create_default_context(cafile=str(d / "tls" / "cert.pem"))
         with (
-            socket.create_connection(("127.0.0.1", ports[("imap", "implicit")]), timeout=10) as raw,
+            socket.create_connection(("127.0.0.1", ports[("imap", "implicit")]), timeout=60) as raw,
             ctx.wrap_socket(raw, server_hostname="localhost") as tls,
         ):
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
@@ -81,14 +82,14 @@ def test_serve_listens_prints_settings_and_stops_on_sigterm(tmp_path: Path) -> N
         old.verify_mode = ssl.CERT_NONE
         old.maximum_version = ssl.TLSVersion.TLSv1_1
         with (
-            socket.create_connection(("127.0.0.1", ports[("imap", "implicit")]), timeout=10) as raw,
+            socket.create_connection(("127.0.0.1", ports[("imap", "implicit")]), timeout=60) as raw,
             pytest.raises(ssl.SSLError),
         ):
             old.wrap_socket(raw, server_hostname="localhost")
         # SIGHUP reloads certificates and keeps serving
         proc.send_signal(signal.SIGHUP)
         _read_until(proc, "certificates reloaded")
-        with socket.create_connection(("127.0.0.1", ports[("pop3", "starttls")]), timeout=10) as s:
+        with socket.create_connection(("127.0.0.1", ports[("pop3", "starttls")]), timeout=60) as s:
             assert s.recv(200).startswith(b"+OK")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
