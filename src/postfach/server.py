@@ -174,6 +174,22 @@ class Server:
             except Exception:
                 log.exception("stopping %s failed", type(svc).__name__)
 
+    @staticmethod
+    def _implicit_context(ctx: ServerContext) -> ssl.SSLContext:
+        """The listener's context; each handshake switches to the *current* context, so that a
+        SIGHUP certificate reload reaches implicit-TLS listeners too (OpenSSL calls the
+        servername callback for every ClientHello, with or without SNI)."""
+        first = ctx.tls_context()
+        listener_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        listener_ctx.minimum_version = first.minimum_version
+        listener_ctx.options = first.options
+
+        def switch(sslobj: ssl.SSLObject, _name: str | None, _base: ssl.SSLContext) -> None:
+            sslobj.context = ctx.tls_context()
+
+        listener_ctx.sni_callback = switch
+        return listener_ctx
+
     async def _listen(self, ctx: ServerContext, lst: ListenerConfig, handler: Handler) -> None:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
@@ -185,11 +201,20 @@ class Server:
                 self._connections.discard(task)
 
         host: str | None = None if lst.address in ("", "*", "::", "0.0.0.0") else lst.address
-        family = socket.AF_UNSPEC
-        if lst.address == "0.0.0.0":
-            family = socket.AF_INET
+        family = socket.AF_INET if lst.address == "0.0.0.0" else socket.AF_UNSPEC
+        # Implicit TLS: asyncio does the handshake before the callback runs. (Calling start_tls in
+        # the callback would race: a ClientHello that arrived first sits in the plaintext buffer.)
+        ssl_ctx = self._implicit_context(ctx) if lst.tls == "implicit" else None
         server = await asyncio.start_server(
-            on_connect, host, lst.port, family=family, reuse_address=True, limit=2**16, backlog=512
+            on_connect,
+            host,
+            lst.port,
+            family=family,
+            reuse_address=True,
+            limit=2**16,
+            backlog=512,
+            ssl=ssl_ctx,
+            ssl_handshake_timeout=ctx.config.limits.tls_handshake_timeout_seconds if ssl_ctx else None,
         )
         port = server.sockets[0].getsockname()[1]
         self.listeners.append(BoundListener(lst, server, port))
@@ -229,16 +254,7 @@ class Server:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(writer.drain(), 5)
                 return
-            if lst.tls == "implicit":
-                try:
-                    await writer.start_tls(
-                        ctx.tls_context(),
-                        ssl_handshake_timeout=ctx.config.limits.tls_handshake_timeout_seconds,
-                    )
-                except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
-                    access.info("TLS handshake failed from %s: %s", remote_ip, e)
-                    return
-                conn.tls_active = True
+            conn.tls_active = lst.tls == "implicit"
             await handler(ctx, conn, reader, writer)
         except (ConnectionError, TimeoutError, ssl.SSLError) as e:
             access.info("connection from %s ended: %s", remote_ip, e)
