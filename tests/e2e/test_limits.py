@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from tests.conftest import LiveServer, start_live_server, stop_live_server
 
 from postfach.config import LimitsConfig
-from tests.conftest import LiveServer, start_live_server, stop_live_server
 
 
 @pytest.fixture
