@@ -35,6 +35,7 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ META_GZ = META_NAME + ".gz"  # older snapshots keep their metadata compressed (s
 BLOB_DIR = "blobs"
 _CHUNK = 1 << 20
 _ROUNDS = 5
+_LINK_THREADS = 4
 
 #: Called with (done, total) while blobs are placed.
 ProgressFn = Callable[[int, int], None]
@@ -343,30 +345,27 @@ def create_snapshot(
     damaged: list[str] = []
     missing: list[str] = []
     wanted: dict[str, int] = {}
-    # Plain strings and one mkdir per folder: this loop runs once per blob of the whole store.
+    # Plain strings and one mkdir per folder: this runs once per blob of the whole store. The
+    # link(2) calls dominate and release the GIL, so a few threads share the folders between them.
     dest_s, store_s = str(dest), str(store_blobs)
     prev_s = str(previous) if previous is not None else ""
-    made: set[str] = set()
-    for _round in range(_ROUNDS):
-        copy_database(meta, db_copy)
-        conn = _connect_ro(db_copy)
-        try:
-            wanted = referenced_blobs(conn)
-        finally:
-            conn.close()
-        todo = [b for b in sorted(wanted) if b not in placed]
-        missing = []
-        total = len(wanted)
-        for i, blob_id in enumerate(todo):
-            if cancel is not None and cancel.is_set():
+    lock = threading.Lock()
+    abort = threading.Event()  # one group failed (disk full ...): the others stop too
+    done = 0
+
+    def place_group(group: list[str], total: int) -> tuple[dict[str, int], int, int, int, list[str], list[str]]:
+        nonlocal done
+        g_placed: dict[str, int] = {}
+        g_new = g_bytes = g_copied = 0
+        g_missing: list[str] = []
+        g_damaged: list[str] = []
+        if not group:
+            return g_placed, 0, 0, 0, g_missing, g_damaged
+        os.makedirs(f"{dest_s}/{BLOB_DIR}/{group[0][0:2]}", exist_ok=True)
+        for blob_id in group:
+            if abort.is_set() or (cancel is not None and cancel.is_set()):
                 raise Cancelled("backup cancelled")
-            if progress is not None and (i % 256 == 0 or i == len(todo) - 1):
-                progress(len(placed) + 1, total)
             rel = f"{BLOB_DIR}/{blob_id[0:2]}/{blob_id}"
-            tdir = f"{dest_s}/{BLOB_DIR}/{blob_id[0:2]}"
-            if tdir not in made:
-                os.makedirs(tdir, exist_ok=True)
-                made.add(tdir)
             target = f"{dest_s}/{rel}"
             if prev_s and blob_id in prev_blobs:
                 try:
@@ -374,25 +373,58 @@ def create_snapshot(
                 except FileNotFoundError:
                     pass  # not in the previous snapshot after all: take it from the store
                 else:
-                    copied += int(was_copied)
-                    placed[blob_id] = prev_blobs[blob_id]
+                    g_copied += int(was_copied)
+                    g_placed[blob_id] = prev_blobs[blob_id]
                     continue
             src = f"{store_s}/{blob_id[0:2]}/{blob_id[2:4]}/{blob_id}"
             try:
                 was_copied, digest = _place(src, target, link=same_fs_store)
             except FileNotFoundError:
-                missing.append(blob_id)
+                g_missing.append(blob_id)
                 continue
             if digest is None:  # hard-linked: hash the new blob once, here
                 digest, size = file_sha256(Path(target))
             else:
                 size = os.stat(target).st_size
             if digest != blob_id:
-                damaged.append(blob_id)
-            copied += int(was_copied)
-            new_blobs += 1
-            new_bytes += size
-            placed[blob_id] = size
+                g_damaged.append(blob_id)
+            g_copied += int(was_copied)
+            g_new += 1
+            g_bytes += size
+            g_placed[blob_id] = size
+        if progress is not None:
+            with lock:
+                done += len(group)
+                progress(min(done, total), total)
+        return g_placed, g_new, g_bytes, g_copied, g_missing, g_damaged
+
+    for _round in range(_ROUNDS):
+        copy_database(meta, db_copy)
+        conn = _connect_ro(db_copy)
+        try:
+            wanted = referenced_blobs(conn)
+        finally:
+            conn.close()
+        groups: dict[str, list[str]] = {}
+        for b in sorted(wanted):
+            if b not in placed:
+                groups.setdefault(b[0:2], []).append(b)
+        missing = []
+        done = len(placed)
+        with ThreadPoolExecutor(max_workers=_LINK_THREADS, thread_name_prefix="postfach-backup") as pool:
+            futures = [pool.submit(place_group, g, len(wanted)) for g in groups.values()]
+            for fut in futures:
+                try:
+                    g_placed, g_new, g_bytes, g_copied, g_missing, g_damaged = fut.result()
+                except BaseException:
+                    abort.set()
+                    raise
+                placed.update(g_placed)
+                new_blobs += g_new
+                new_bytes += g_bytes
+                copied += g_copied
+                missing += g_missing
+                damaged += g_damaged
         if not missing:
             break
         # A blob vanished after the metadata copy (expunged meanwhile) or the store lacks it: copy the
