@@ -492,7 +492,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _optional_parsers(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     """Subcommands that other rooms provide (queue, dkim/dns, backup, export/import)."""
-    for module_name in ("postfach.queue.admin", "postfach.dkim", "postfach.backup", "postfach.transfer"):
+    for module_name in (
+        "postfach.queue.admin",
+        "postfach.dkim",
+        "postfach.backup",
+        "postfach.transfer",
+        "postfach.store.migrate",
+    ):
         try:
             module = importlib.import_module(module_name)
         except ImportError:
