@@ -216,3 +216,16 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
 )
 def test_parse_size(text: str, value: int | None) -> None:
     assert cli.parse_size(text) == value
+
+
+def test_demo_sets_up_a_dev_instance_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "demo"
+    assert cli.main(["demo", "--no-serve", "--data", str(d)]) == 0
+    out = capsys.readouterr().out
+    password = (d / "demo-password.txt").read_text().strip()
+    assert f"Demo account: demo@example.org  password: {password}" in out
+    assert cli.main(["user", "list", "--json", "--data", str(d)]) == 0
+    assert [u["address"] for u in json.loads(capsys.readouterr().out)] == ["demo@example.org"]
+    # running it again keeps the same instance and password
+    assert cli.main(["demo", "--no-serve", "--data", str(d)]) == 0
+    assert password in capsys.readouterr().out
