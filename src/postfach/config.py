@@ -404,3 +404,65 @@ def render_initial(
         "",
     ]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- reference
+
+_SECTION_DOCS: dict[str, str] = {
+    "listener": "One `[[listener]]` table per port: any protocol on any port in any TLS mode.",
+    "store": "Where mail is kept.",
+    "tls": "Certificate and key (PEM); reloaded on SIGHUP.",
+    "auth": "Logins: where passwords may travel without TLS, throttling and lockout, hashing cost.",
+    "limits": "Every limit a client can run into.",
+    "imap": "IMAP behaviour.",
+    "pop3": "POP3 behaviour.",
+    "smtp": "SMTP submission and MX behaviour.",
+    "queue": "The outbound queue.",
+    "backup": "The daily backup that `serve` runs.",
+    "quota": "Quota warnings.",
+    "logging": "Log level and format.",
+}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def reference_markdown() -> str:
+    """docs/config-reference.md, generated from the dataclasses (a test keeps the file current)."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/postfach/config.py` by `python -m postfach.config`; do not edit by hand.",
+        "The file is `postfach.toml` in the data dir. Unknown keys are errors.",
+        "",
+        "## top level",
+        "",
+        "| key | default | choices |",
+        "|---|---|---|",
+        f"| `hostname` | `{_toml_value(Config().hostname)}` | the server's host name |",
+    ]
+    tables: list[tuple[str, type[Any]]] = [("listener", ListenerConfig), *_SECTIONS.items()]
+    for name, cls in tables:
+        header = f"[[{name}]]" if name == "listener" else f"[{name}]"
+        out += ["", f"## {header}", "", _SECTION_DOCS.get(name, ""), "", "| key | default | choices |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f"`{_toml_value(f.default)}`"
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f"`{_toml_value(f.default_factory())}`"
+            else:
+                default = "required"
+            choices = ", ".join(_CHOICES.get(f"{name}.{f.name}", ()))
+            out.append(f"| `{f.name}` | {default} | {choices} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

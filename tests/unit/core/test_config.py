@@ -85,3 +85,10 @@ def test_relative_paths_resolve_in_the_data_dir() -> None:
     cfg = parse("[tls]\ncert = 'c.pem'\nkey = '/etc/k.pem'")
     assert cfg.path(cfg.tls.cert) == Path("/data/c.pem")
     assert cfg.path(cfg.tls.key) == Path("/etc/k.pem")
+
+
+def test_config_reference_is_current() -> None:
+    doc = Path(__file__).resolve().parents[3] / "docs" / "config-reference.md"
+    assert doc.read_text(encoding="utf-8") == cfgmod.reference_markdown(), (
+        "docs/config-reference.md is stale: run `python -m postfach.config > docs/config-reference.md`"
+    )
