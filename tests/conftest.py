@@ -102,7 +102,13 @@ def start_live_server(data_dir: Path, **overrides: Any) -> tuple[LiveServer, thr
     cert, key = config.path(config.tls.cert), config.path(config.tls.key)
     if not cert.exists():
         generate_self_signed("localhost", cert, key)
-    loop = asyncio.new_event_loop()
+    # The loop production runs (`postfach serve` uses uvloop where installed).
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        loop = asyncio.new_event_loop()
     server = Server(config)
     started = threading.Event()
     errors: list[BaseException] = []

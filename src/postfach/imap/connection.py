@@ -25,13 +25,6 @@ log = logging.getLogger("postfach.imap")
 READ_SIZE = 65536
 WRITE_HIGH_WATER = 256 * 1024
 
-# The stdlib TLS transport gives every connection a 256 KiB receive buffer (asyncio.sslproto
-# SSLProtocol.max_size), which is most of an idle connection's memory (issue 3: < 50 KiB per idle
-# IDLE connection). The BIO reassembles records, so 4 KiB reads only cost a few more calls on bulk uploads. This
-# is process-wide (POP3 and SMTP benefit too); it belongs in server.py once the lead takes it.
-_TLS_READ_BUFFER = 4 * 1024
-if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > _TLS_READ_BUFFER:
-    asyncio.sslproto.SSLProtocol.max_size = _TLS_READ_BUFFER
 MIN_TIMEOUT_SECONDS = 1800  # RFC 9051 §5.4: the autologout timer is at least 30 minutes
 ACCOUNT_COUNTS_KEY = "imap.account_connections"
 DRIVERS_KEY = "imap.drivers"

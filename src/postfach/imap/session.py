@@ -12,7 +12,6 @@ import base64
 import binascii
 import contextlib
 import enum
-import gc
 import logging
 import re
 from bisect import bisect_left
@@ -76,7 +75,6 @@ PERMANENT_FLAGS = b"(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 BASE_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 MAX_NAME_BYTES = 255
 VIEW_CACHE_KEY = "imap.views"
-GC_FREEZE_MESSAGES = 20_000
 
 
 class Sink(Protocol):
@@ -565,11 +563,6 @@ class Session:
             metas = await self.store.list_messages(self.account_id, mb.id)
             view = MailboxView(mb.uidvalidity, mb.highestmodseq, metas)
             views.put(mb.id, view)
-            if len(metas) >= GC_FREEZE_MESSAGES:
-                # Hundreds of thousands of long-lived metadata objects make every full cyclic
-                # collection scan them (100+ ms pauses of the loop). They hold no cycles and are
-                # freed by reference counting, so moving them out of the collector's sight is safe.
-                gc.freeze()
         recent: set[Uid] = set()
         if not self.rev2 and not cmd.readonly and view.claimed_upto < mb.uidnext:
             first = await self.store.claim_recent(self.account_id, mb.id)
