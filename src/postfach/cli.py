@@ -214,23 +214,29 @@ def cmd_domain(args: argparse.Namespace) -> int:
     if args.action == "list":
         domains = with_store(config, lambda s: s.list_domains())
         if args.json:
-            _print_json([{"name": d.name, "created": d.created.isoformat()} for d in domains])
+            _print_json(
+                [{"name": d.name, "created": d.created.isoformat(), "quota_bytes": d.quota_bytes} for d in domains]
+            )
         else:
-            print(table([(d.name, d.created.strftime("%Y-%m-%d")) for d in domains], ("DOMAIN", "CREATED")))
+            rows = [(d.name, human_size(d.quota_bytes), d.created.strftime("%Y-%m-%d")) for d in domains]
+            print(table(rows, ("DOMAIN", "DEFAULT QUOTA", "CREATED")))
         return 0
     if not args.name:
         raise UsageError(f"domain {args.action} needs a domain name")
     name = normalize_domain(args.name)
     if args.action == "add":
 
+        quota = parse_size(args.quota) if args.quota else None
+
         async def add(s: Store) -> None:
             try:
-                await s.add_domain(name)
+                await s.add_domain(name, quota_bytes=quota)
             except AlreadyExists:
                 raise UsageError(f"domain {name} exists already") from None
 
         with_store(config, add)
-        print(f"Added domain {name}")
+        extra = f" (default quota for new accounts: {human_size(quota)})" if quota else ""
+        print(f"Added domain {name}{extra}")
     else:
 
         async def delete(s: Store) -> None:
@@ -548,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("domain", parents=[common], help="add, list or delete domains")
     s.add_argument("action", choices=("add", "list", "del"))
     s.add_argument("name", nargs="?")
+    s.add_argument("--quota", metavar="SIZE", help="for add: default storage limit of new accounts, like 2G")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_domain)
 

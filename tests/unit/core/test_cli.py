@@ -229,3 +229,18 @@ def test_demo_sets_up_a_dev_instance_once(tmp_path: Path, capsys: pytest.Capture
     # running it again keeps the same instance and password
     assert cli.main(["demo", "--no-serve", "--data", str(d)]) == 0
     assert password in capsys.readouterr().out
+
+
+def test_domain_default_quota_applies_to_new_accounts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "q"
+    assert cli.main(["init", "--data", str(d), "--dev"]) == 0
+    assert cli.main(["domain", "add", "quota.example", "--quota", "100M", "--data", str(d)]) == 0
+    assert run(d, "user", "add", "a@quota.example", "--password-stdin", stdin=PW + "\n", monkeypatch=monkeypatch) == 0
+    assert run(d, "user", "add", "b@quota.example", "--password-stdin", "--quota", "1G",
+               stdin=PW + "\n", monkeypatch=monkeypatch) == 0
+    capsys.readouterr()
+    assert run(d, "user", "list", "--json") == 0
+    quotas = {u["address"]: u["quota_bytes"] for u in json.loads(capsys.readouterr().out)}
+    assert quotas == {"a@quota.example": 100 * 1024**2, "b@quota.example": 1024**3}
