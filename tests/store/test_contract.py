@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from tests.store.storehelpers import account_with_inbox, backend_params, msg, new_store
+from tests.store.storehelpers import account_with_inbox, backend_params, msg, new_store, opened
 
 from postfach.errors import AlreadyExists, MailboxInUse, NotFound, NotPermitted, QuotaExceeded, StoreError
 from postfach.mail import MessageInfo, parse_message
@@ -634,7 +634,14 @@ async def test_queue_survives_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_check_finds_problems_and_recount(store: Store, tmp_path: Path) -> None:
+async def test_check_finds_problems_and_recount(tmp_path: Path) -> None:
+    """The embedded store's blob files (PostgreSQL's chunks: test_postgres_nodes.py,
+    test_check_finds_tampered_chunks)."""
+    async with opened("sqlite", tmp_path / "store") as store:
+        await _check_finds_problems_and_recount(store, tmp_path)
+
+
+async def _check_finds_problems_and_recount(store: Store, tmp_path: Path) -> None:
     aid, inbox = await account_with_inbox(store)
     r = await store.append(aid, inbox, msg(1))
     assert await store.check() == []

@@ -12,6 +12,7 @@ from postfach.config import Config, StoreConfig
 from postfach.errors import StoreError
 from postfach.store import open_store
 from postfach.store.base import QueueRecipient
+from postfach.store.postgres import PostgresStore
 from postfach.store.sqlite import Migration, SqliteStore, load_migrations
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,5 +95,5 @@ def test_open_store_from_config(tmp_path: Path) -> None:
     cfg = Config(store=StoreConfig(backend="sqlite", path="st", group_commit_max=7), data_dir=tmp_path)
     s = open_store(cfg)
     assert isinstance(s, SqliteStore) and s.path == tmp_path / "st" and s.group_commit_max == 7
-    with pytest.raises(StoreError, match="postgres backend is not available"):
-        open_store(Config(store=StoreConfig(backend="postgres", dsn="postgresql://x"), data_dir=tmp_path))
+    pg = open_store(Config(store=StoreConfig(backend="postgres", dsn="postgresql://x"), data_dir=tmp_path))
+    assert isinstance(pg, PostgresStore)

@@ -22,7 +22,11 @@ def open_store(config: Config) -> Store:
 
         return SqliteStore(config.path(config.store.path), group_commit_max=config.store.group_commit_max)
     if backend == "postgres":
-        raise StoreError("the postgres backend is not available yet")
+        if not config.store.dsn:
+            raise StoreError('[store] backend = "postgres" needs dsn = "postgresql://user@host/dbname"')
+        from postfach.store.postgres import PostgresStore
+
+        return PostgresStore(config.store.dsn)
     raise StoreError(f"unknown store backend {backend!r}")
 
 

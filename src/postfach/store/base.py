@@ -33,6 +33,11 @@ DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
 
 SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 
+#: ``BlobReader.wire`` bits, learned at ingest: every LF of the message follows a CR ...
+WIRE_CRLF_ONLY = 1
+#: ... and no line starts with "." — with both, the bytes go out as a POP3 multi-line body as they are.
+WIRE_NO_DOT_LINES = 2
+
 
 # --------------------------------------------------------------------------------------------- records
 
@@ -236,6 +241,9 @@ class BlobReader(Protocol):
 
     async def close(self) -> None: ...
 
+    # Optional (added for POP3 RETR speed; a reader without it is scanned as before): ``wire``,
+    # the WIRE_* bits of the blob, or None when not known. Read it with getattr(r, "wire", None).
+
 
 class Subscription(Protocol):
     """A per-account feed of ``Change``s. ``get`` waits for the next one."""
@@ -336,6 +344,12 @@ class Store(Protocol):
 
     async def list_messages(self, account_id: AccountId, mailbox_id: MailboxId) -> list[MessageMeta]:
         """All messages, ascending by UID."""
+
+    async def list_uids_sizes(
+        self, account_id: AccountId, mailbox_id: MailboxId
+    ) -> list[tuple[Uid, int, frozenset[str]]]:
+        """(uid, size, flags) of every message, ascending by UID: the lean form of
+        ``list_messages`` for POP3 login and first views of very large mailboxes. NotFound."""
 
     async def get_messages(
         self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid]
