@@ -9,7 +9,7 @@ DEBIAN_TOOLS := swaks mbsync fetchmail mpop curl
 DEBIAN_PKGS  := swaks isync fetchmail mpop curl ca-certificates
 PYTEST_ARGS ?=
 
-.PHONY: install demo serve test lint bench fuzz clean tools
+.PHONY: install demo serve test lint bench clean tools
 
 install: $(STAMP)
 
@@ -45,6 +45,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick,) $(if $(COMPARE),--compare $(COMPARE),)
+
+include mk/reliability.mk
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
