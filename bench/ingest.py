@@ -2,7 +2,9 @@
 
 N concurrent writers (asyncio tasks) append distinct 4 KiB and 100 KiB messages to a SqliteStore in
 a temporary folder; every append returns only after its blob and metadata are durable. Prints JSON:
-``{"ingest_4k_msgs_per_s": ..., "ingest_100k_msgs_per_s": ...}``.
+``{"ingest_4k_msgs_per_s": ..., "ingest_100k_msgs_per_s": ..., "cpu_us_per_4k_msg": {"user", "sys"}, ...}``
+— the CPU the process spent per message (all threads) varies far less with the load of a shared
+machine than messages/s does; compare both, with the load average printed beside them.
 
     PYTHONPATH=src .venv/bin/python bench/ingest.py [--quick] [--writers 64] [--seconds 5]
 """
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -34,7 +37,9 @@ def make_message(n: int, size: int, salt: bytes) -> bytes:
 
 async def run_size(
     store: SqliteStore, aid: AccountId, mailbox: MailboxId, size: int, writers: int, seconds: float, count: int
-) -> float:
+) -> tuple[float, float, float]:
+    """(messages/s, user CPU µs per message, system CPU µs per message) of this process, all
+    threads. CPU per message is far less sensitive to a busy machine than messages/s."""
     salt = os.urandom(8)
     # Pre-build distinct messages so the timing measures the store, not message building.
     msgs = [make_message(i, size, salt) for i in range(count)]
@@ -53,11 +58,14 @@ async def run_size(
     # warm-up (creates folders, reader threads ...)
     for i in range(min(20, count)):
         await store.append(aid, mailbox, make_message(10_000_000 + i, size, salt))
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     deadline = start + seconds
     await asyncio.gather(*(writer() for _ in range(writers)))
     elapsed = time.perf_counter() - start
-    return done / elapsed
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    n = max(1, done)
+    return done / elapsed, (ru1.ru_utime - ru0.ru_utime) / n * 1e6, (ru1.ru_stime - ru0.ru_stime) / n * 1e6
 
 
 def fs_baseline(folder: Path, size: int, seconds: float, threads: int = 8) -> float:
@@ -95,8 +103,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, float | int | bool]:
             acct = await store.create_account("user@example.com", "x")
             inbox = await store.get_mailbox(acct.id, "INBOX")
             assert inbox is not None
-            r4 = await run_size(store, acct.id, inbox.id, 4096, args.writers, args.seconds, args.count_4k)
-            r100 = await run_size(store, acct.id, inbox.id, 100 * 1024, args.writers, args.seconds, args.count_100k)
+            r4, u4, s4 = await run_size(store, acct.id, inbox.id, 4096, args.writers, args.seconds, args.count_4k)
+            r100, u100, s100 = await run_size(
+                store, acct.id, inbox.id, 100 * 1024, args.writers, args.seconds, args.count_100k
+            )
             baseline_rate = (
                 await asyncio.to_thread(fs_baseline, Path(tmp) / "baseline", 4096, args.seconds)
                 if args.baseline
@@ -110,6 +120,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, float | int | bool]:
     return {
         "ingest_4k_msgs_per_s": round(r4, 1),
         "ingest_100k_msgs_per_s": round(r100, 1),
+        "cpu_us_per_4k_msg": {"user": round(u4), "sys": round(s4)},
+        "cpu_us_per_100k_msg": {"user": round(u100), "sys": round(s100)},
         "writers": args.writers,
         "batch_sync": store._blobs.batch_sync,
         "loadavg_1min": round(os.getloadavg()[0], 2),

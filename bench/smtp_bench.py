@@ -14,6 +14,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -101,7 +102,9 @@ async def run(total: int, conns: int, size: int, workdir: Path, *, sink: bool = 
     proc = multiprocessing.get_context("spawn").Process(target=_clients, args=(port, total, conns, size, q))
     proc.start()
     loop = asyncio.get_running_loop()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     ok, seconds = await loop.run_in_executor(None, q.get)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     await loop.run_in_executor(None, proc.join)
     server.close()
     await server.wait_closed()
@@ -119,6 +122,12 @@ async def run(total: int, conns: int, size: int, workdir: Path, *, sink: bool = 
         "messages_stored": stored,
         "seconds": round(seconds, 3),
         "messages_per_second": round(ok / seconds, 1),
+        # CPU of the server process (all threads) per message: less sensitive to a busy machine.
+        "server_cpu_us_per_msg": {
+            "user": round((ru1.ru_utime - ru0.ru_utime) / max(1, ok) * 1e6),
+            "sys": round((ru1.ru_stime - ru0.ru_stime) / max(1, ok) * 1e6),
+        },
+        "loadavg_1min": round(os.getloadavg()[0], 2),
         "durable": not sink,
         "event_loop": type(asyncio.get_running_loop()).__module__,
         "cpus": os.cpu_count(),

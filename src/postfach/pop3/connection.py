@@ -31,6 +31,7 @@ log = logging.getLogger("postfach.pop3")
 
 READ_SIZE = 65536
 STREAM_CHUNK = 1024 * 1024  # bytes read from a blob per step of RETR / TOP (memory per session)
+WRITE_SLICE = 128 * 1024  # bytes handed to the transport at a time while streaming
 
 
 class _ConnectionClosedError(Exception):
@@ -167,7 +168,9 @@ class _Driver:
         (expunged through IMAP, its file gone) still gets a clean -ERR for most messages."""
         blob = body.blob
         try:
-            stuffer = DotStuffer()
+            # The store may know that the message needs no line-end repair and no dot-stuffing
+            # (learned at ingest): then its bytes go out as they are, without a scan.
+            stuffer = DotStuffer(getattr(blob, "wire", None))
             top = TopFilter(body.top_lines) if body.top_lines is not None else None
             size = blob.size
             try:
@@ -182,9 +185,17 @@ class _Driver:
                 if top is not None:
                     chunk = top.feed(chunk)
                 out = stuffer.feed(chunk)
-                if out:
-                    self.writer.write(out)
-                    await self._drain()
+                # In slices, each drained: TLS encrypts at write(), so the client can decrypt
+                # the first slice while we encrypt the next, instead of waiting for a whole MiB.
+                if len(out) <= WRITE_SLICE:
+                    if out:
+                        self.writer.write(out)
+                        await self._drain()
+                else:
+                    view = memoryview(out)
+                    for i in range(0, len(out), WRITE_SLICE):
+                        self.writer.write(view[i : i + WRITE_SLICE])
+                        await self._drain()
                 if offset >= size or (top is not None and top.done):
                     break
                 try:

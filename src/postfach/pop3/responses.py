@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from postfach.store.base import BlobReader
+from postfach.store.base import WIRE_CRLF_ONLY, WIRE_NO_DOT_LINES, BlobReader
 from postfach.types import Uid
 
 # RFC 2449 §4: a response line is at most 512 octets including CRLF.
@@ -119,9 +119,13 @@ class DotStuffer:
 
     Chunk boundaries may fall anywhere, including between CR and LF."""
 
-    def __init__(self) -> None:
+    def __init__(self, wire: int | None = None) -> None:
         self._at_bol = True  # the last byte emitted ended a line (or nothing was emitted)
         self._last_cr = False  # the last byte emitted was a CR
+        # What the store learned at ingest (WIRE_* bits): skip the scans that cannot find anything.
+        wire = wire or 0
+        self._crlf_only = bool(wire & WIRE_CRLF_ONLY)
+        self._no_dots = self._crlf_only and bool(wire & WIRE_NO_DOT_LINES)
 
     def feed(self, data: bytes) -> bytes:
         if not data:
@@ -133,12 +137,14 @@ class DotStuffer:
             self._at_bol, self._last_cr = True, False
             if not data:
                 return prefix
-        # Two cheap C-level passes decide whether any LF lacks its CR (the regex is ~20x slower).
-        if data.count(b"\n") != data.count(b"\r\n"):
+        # Two cheap C-level passes decide whether any LF lacks its CR (the regex is ~20x slower);
+        # none when the store knows the message has CRLF line ends only.
+        if not self._crlf_only and data.count(b"\n") != data.count(b"\r\n"):
             data = _BARE_LF.sub(b"\r\n", data)
-        if self._at_bol and data[0] == 0x2E:  # "."
-            data = b"." + data
-        data = data.replace(b"\r\n.", b"\r\n..")  # returns `data` itself when there is no match
+        if not self._no_dots:
+            if self._at_bol and data[0] == 0x2E:  # "."
+                data = b"." + data
+            data = data.replace(b"\r\n.", b"\r\n..")  # returns `data` itself when there is no match
         last = data[-1]
         self._at_bol = last == 0x0A
         self._last_cr = last == 0x0D

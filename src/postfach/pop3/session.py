@@ -36,7 +36,7 @@ from postfach.pop3.responses import (
     Ok,
     Response,
 )
-from postfach.store.base import FlagOp, Mailbox, MessageMeta
+from postfach.store.base import FlagOp, Mailbox
 from postfach.types import AccountId, Uid, UidValidity
 
 log = logging.getLogger("postfach.pop3")
@@ -63,7 +63,8 @@ def uidl_for(uidvalidity: UidValidity, uid: Uid) -> str:
 
 @dataclass(slots=True)
 class _Entry:
-    meta: MessageMeta
+    uid: Uid
+    size: int
     deleted: bool = False
 
 
@@ -185,9 +186,7 @@ class Session:
                 return MultiLine(Ok("Mechanisms follow"), [m.encode("ascii") for m in SASL_MECHANISMS])
             case p.Auth(str(mechanism), initial):
                 return await self._auth_start(mechanism, initial)
-            case (
-                p.Stat() | p.List() | p.Uidl() | p.Retr() | p.Dele() | p.Top() | p.Rset()
-            ):
+            case p.Stat() | p.List() | p.Uidl() | p.Retr() | p.Dele() | p.Top() | p.Rset():
                 return self._bad("Not logged in yet (use USER/PASS or AUTH)")
         raise AssertionError(f"unhandled command {cmd!r}")  # pragma: no cover
 
@@ -233,9 +232,7 @@ class Session:
         self._sasl = None
         if result.authzid and result.authzid.lower() != result.authcid.lower():
             # Proxy authorisation is not offered; the authenticator also refuses and counts it.
-            res = await self.ctx.auth.authenticate_credentials(
-                result, remote_ip=self.conn.remote_ip, protocol="pop3"
-            )
+            res = await self.ctx.auth.authenticate_credentials(result, remote_ip=self.conn.remote_ip, protocol="pop3")
             return self._auth_refusal(res.outcome)
         return await self._login(result.authcid, result.password)
 
@@ -249,9 +246,7 @@ class Session:
                 return Err("Authentication failed", AUTH)
 
     async def _login(self, user: str, password: str) -> Response:
-        res = await self.ctx.auth.authenticate(
-            user, password, remote_ip=self.conn.remote_ip, protocol="pop3"
-        )
+        res = await self.ctx.auth.authenticate(user, password, remote_ip=self.conn.remote_ip, protocol="pop3")
         if not res.ok or res.account is None:
             return self._auth_refusal(res.outcome)
         account = res.account
@@ -273,12 +268,28 @@ class Session:
             # RFC 2449 §8.1.2
             return Err("Mailbox is locked by another POP3 session", IN_USE)
         try:
-            metas = await store.list_messages(account.id, mailbox.id)
+            # The lean listing (no MessageMeta per message): login on a 100,000-message maildrop
+            # costs one query. A backend without it is asked for the full records.
+            lean = getattr(store, "list_uids_sizes", None)
+            if lean is not None:
+                rows: list[tuple[Uid, int, frozenset[str]]] = await lean(account.id, mailbox.id)
+            else:
+                rows = [(m.uid, m.size, m.flags) for m in await store.list_messages(account.id, mailbox.id)]
         except BaseException:
             await self._locks.aclose()
             raise
         hidden = HIDDEN_KEYWORD.lower()
-        self._entries = [_Entry(m) for m in metas if not any(f.lower() == hidden for f in m.flags)]
+        is_hidden: dict[frozenset[str], bool] = {}  # flag sets are shared: decide once per set
+        entries: list[_Entry] = []
+        for uid, size, flags in rows:
+            if flags:
+                h = is_hidden.get(flags)
+                if h is None:
+                    h = is_hidden[flags] = any(f.lower() == hidden for f in flags)
+                if h:
+                    continue
+            entries.append(_Entry(uid, size))
+        self._entries = entries
         self._account_id = account.id
         self._address = account.address
         self._mailbox = mailbox
@@ -287,7 +298,12 @@ class Session:
         count, size = self._totals()
         log.info(
             "pop3 %s login user=%s ip=%s tls=%s messages=%d octets=%d",
-            self.conn.id, account.address, self.conn.remote_ip, self.conn.tls_active, count, size,
+            self.conn.id,
+            account.address,
+            self.conn.remote_ip,
+            self.conn.tls_active,
+            count,
+            size,
         )
         return Ok(f"Logged in, {count} messages ({size} octets)")
 
@@ -297,7 +313,7 @@ class Session:
         for e in self._entries:
             if not e.deleted:
                 count += 1
-                size += e.meta.size
+                size += e.size
         return count, size
 
     def _entry(self, msg: int) -> _Entry | Err:
@@ -317,30 +333,22 @@ class Session:
                 return Ok(f"{count} {size}")
             case p.List(None):
                 count, size = self._totals()
-                lines = [
-                    b"%d %d" % (i, e.meta.size)
-                    for i, e in enumerate(self._entries, 1)
-                    if not e.deleted
-                ]
+                lines = [b"%d %d" % (i, e.size) for i, e in enumerate(self._entries, 1) if not e.deleted]
                 return MultiLine(Ok(f"{count} messages ({size} octets)"), lines)
             case p.List(int(msg)):
                 e = self._entry(msg)
-                return e if isinstance(e, Err) else Ok(f"{msg} {e.meta.size}")
+                return e if isinstance(e, Err) else Ok(f"{msg} {e.size}")
             case p.Uidl(None):
                 assert self._mailbox is not None
                 prefix = b"%08x" % self._mailbox.uidvalidity
-                lines = [
-                    b"%d %s%08x" % (i, prefix, e.meta.uid)
-                    for i, e in enumerate(self._entries, 1)
-                    if not e.deleted
-                ]
+                lines = [b"%d %s%08x" % (i, prefix, e.uid) for i, e in enumerate(self._entries, 1) if not e.deleted]
                 return MultiLine(Ok("Unique-ID listing follows"), lines)
             case p.Uidl(int(msg)):
                 assert self._mailbox is not None
                 e = self._entry(msg)
                 if isinstance(e, Err):
                     return e
-                return Ok(f"{msg} {uidl_for(self._mailbox.uidvalidity, e.meta.uid)}")
+                return Ok(f"{msg} {uidl_for(self._mailbox.uidvalidity, e.uid)}")
             case p.Retr(msg):
                 return await self._retrieve(msg, None)
             case p.Top(msg, lines_wanted):
@@ -375,20 +383,19 @@ class Session:
         assert self._account_id is not None and self._mailbox is not None
         store = self.ctx.store
         # The snapshot may be stale: IMAP may have expunged the message meanwhile.
-        still = await store.get_messages(self._account_id, self._mailbox.id, [e.meta.uid])
+        still = await store.get_messages(self._account_id, self._mailbox.id, [e.uid])
         if not still:
             return Err(f"Message {msg} was deleted by another session (e.g. IMAP)")
+        meta = still[0]
         try:
-            blob = await store.open_blob(e.meta.blob_id)
+            blob = await store.open_blob(meta.blob_id)
         except NotFound:
             return Err(f"Message {msg} was deleted by another session (e.g. IMAP)")
         if top_lines is not None:
-            return MessageBody(Ok("Top of message follows"), blob, e.meta.uid, top_lines)
+            return MessageBody(Ok("Top of message follows"), blob, e.uid, top_lines)
         # RETR marks the message \Seen (when configured) so that IMAP devices show it as read.
-        mark_seen = self.ctx.config.pop3.retr_sets_seen and not any(
-            f.lower() == "\\seen" for f in e.meta.flags
-        )
-        return MessageBody(Ok(f"{e.meta.size} octets"), blob, e.meta.uid, None, mark_seen)
+        mark_seen = self.ctx.config.pop3.retr_sets_seen and not any(f.lower() == "\\seen" for f in meta.flags)
+        return MessageBody(Ok(f"{e.size} octets"), blob, e.uid, None, mark_seen)
 
     def message_sent(self, body: MessageBody) -> None:
         """The connection calls this after a RETR was streamed completely."""
@@ -409,7 +416,7 @@ class Session:
         assert self._account_id is not None and self._mailbox is not None
         self.want_close = True
         self.state = State.CLOSED
-        deleted = [e.meta.uid for e in self._entries if e.deleted]
+        deleted = [e.uid for e in self._entries if e.deleted]
         hide = self.ctx.config.pop3.dele_mode == "hide"
         try:
             await self._flush_seen(exclude=() if hide else deleted)
@@ -425,9 +432,7 @@ class Session:
                     )
                     removed = len(res.updated) + len(res.unchanged)
                 else:
-                    removed = len(
-                        await self.ctx.store.delete_messages(self._account_id, self._mailbox.id, deleted)
-                    )
+                    removed = len(await self.ctx.store.delete_messages(self._account_id, self._mailbox.id, deleted))
         except (StoreError, OSError) as e:
             log.warning("pop3 update failed user=%s: %s", self._address, e)
             code = SYS_PERM if isinstance(e, NotPermitted) else SYS_TEMP

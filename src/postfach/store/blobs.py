@@ -27,15 +27,16 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import itertools
 import os
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 from postfach.errors import NotFound, StorageFull, StoreError
+from postfach.store.base import WIRE_CRLF_ONLY, WIRE_NO_DOT_LINES
 
 #: errno values that mean "try again later" rather than "the store is broken".
 TEMPORARY_ERRNOS = frozenset(
@@ -47,6 +48,8 @@ _HEX = frozenset("0123456789abcdef")
 
 # Indirection for fault-injection tests (ENOSPC/EIO on write).
 _os_write = os.write
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
@@ -88,11 +91,22 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def wire_flags(data: bytes) -> int:
+    """The ``WIRE_*`` bits (store/base.py) of a message: does every LF follow a CR, and does no
+    line start with "."? Three C-speed scans, once at ingest, instead of at every POP3 RETR."""
+    flags = 0
+    if data.count(b"\n") == data.count(b"\r\n"):
+        flags |= WIRE_CRLF_ONLY
+    if not data.startswith(b".") and b"\n." not in data:
+        flags |= WIRE_NO_DOT_LINES
+    return flags
+
+
 def is_blob_name(name: str) -> bool:
     return len(name) == 64 and set(name) <= _HEX
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -123,6 +137,14 @@ class FileBlobStore:
             raise StoreError("batch sync needs syncfs(2), which this platform lacks")
         self.batch_sync = (_syncfs is not None) if batch_sync is None else batch_sync
         self._root_fd: int | None = None
+        self._root_s = os.fspath(root)
+        # Folders known to exist (``ab`` and ``ab/cd``): folders are never removed while the store
+        # is open, so a hit saves two stat calls per blob. A folder removed behind our back shows
+        # up as ENOENT at create time, and is then made again.
+        self._dirs: set[str] = set()
+        # Temp-file names: unique per process (pid) and per write (counter); no random source.
+        self._tmp_tag = f"{os.getpid():x}"
+        self._seq = itertools.count()
 
     # --- setup ------------------------------------------------------------------------------------
     def prepare(self, *, clean_tmp: bool) -> None:
@@ -197,51 +219,95 @@ class FileBlobStore:
 
         With per-file sync it is durable on return; with batch sync after the next
         :meth:`barrier`. The caller holds a pin on ``blob_id``. Temp files are removed on any failure, so a failed
-        write leaves nothing half-present. ENOSPC/EIO become StorageFull."""
-        final = self.path_for(blob_id)
+        write leaves nothing half-present. ENOSPC/EIO become StorageFull.
+
+        Plain ``os`` calls on string paths (no pathlib objects): this runs once per message, and
+        the kernel's file creation should be all that it costs."""
+        d = f"{self._root_s}/{blob_id[0:2]}/{blob_id[2:4]}"
+        final = f"{d}/{blob_id}"
         sync = not self.batch_sync
-        if final.exists() and not sync:
-            return False  # the batch barrier covers it, whoever renamed it
-        if final.exists():
-            # It may have been renamed into place by a writer that has not fsynced the folder
-            # yet; an fsync of a clean folder is cheap, so make sure instead of guessing.
-            try:
-                fsync_dir(final.parent)
-            except OSError as exc:
-                raise os_error(exc, "blob folder fsync") from exc
-            return False
-        d = final.parent
-        # The temp file lives beside its final name (".<id>.<random>.tmp"): the rename stays in
-        # one folder, and concurrent writers do not contend for one shared temp folder.
-        tmp = d / f".{blob_id}.{uuid.uuid4().hex[:12]}.tmp"
         try:
-            new_dirs: list[Path] = []
-            if not d.is_dir():
-                if not d.parent.is_dir():
-                    d.parent.mkdir(exist_ok=True)
-                    new_dirs.append(self.root)
-                d.mkdir(exist_ok=True)
-                new_dirs.append(d.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            os.stat(final)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise os_error(exc, "blob file") from exc
+        else:
+            if sync:
+                # It may have been renamed into place by a writer that has not fsynced the folder
+                # yet; an fsync of a clean folder is cheap, so make sure instead of guessing.
+                try:
+                    fsync_dir(d)
+                except OSError as exc:
+                    raise os_error(exc, "blob folder fsync") from exc
+            return False  # with batch sync the next barrier covers it, whoever renamed it
+        # The temp file lives beside its final name (".<id>.<tag>.tmp"): the rename stays in
+        # one folder, and concurrent writers do not contend for one shared temp folder.
+        tmp = ""
+        try:
+            new_dirs = self._make_dirs(d, blob_id) if d not in self._dirs else ()
+            fd = -1
+            while fd < 0:
+                tmp = f"{d}/.{blob_id}.{self._tmp_tag}-{next(self._seq)}.tmp"
+                try:
+                    fd = os.open(tmp, _CREATE_FLAGS, 0o640)
+                except FileExistsError:
+                    continue  # a leftover of a crashed process that had our pid: next name
+                except FileNotFoundError:
+                    if d not in self._dirs:
+                        raise
+                    self._dirs.discard(d)  # removed behind our back: make it again, once
+                    new_dirs = self._make_dirs(d, blob_id)
             try:
-                view = memoryview(data)
-                while view:
-                    n = _os_write(fd, view)
-                    view = view[n:]
+                n = _os_write(fd, data)  # one call for all but huge messages
+                if n < len(data):
+                    view = memoryview(data)[n:]
+                    while view:
+                        n = _os_write(fd, view)
+                        view = view[n:]
                 if sync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
+            os.rename(tmp, final)
             if sync:
                 fsync_dir(d)
                 for nd in new_dirs:
                     fsync_dir(nd)
+            if new_dirs:  # durable now (or covered by the next barrier): skip the checks next time
+                self._dirs.add(f"{self._root_s}/{blob_id[0:2]}")
+                self._dirs.add(d)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             raise os_error(exc, "writing message file") from exc
         return True
+
+    def _make_dirs(self, d: str, blob_id: str) -> tuple[str, ...]:
+        """Create ``ab/`` and ``ab/cd/`` as needed; returns the folders whose entries may have
+        changed (to fsync in per-file sync mode) — also when another writer made the folder a
+        moment ago and may not have made it durable yet. The caller adds the folders to the
+        known ones only once they are durable."""
+        top = f"{self._root_s}/{blob_id[0:2]}"
+        changed: list[str] = []
+        if top not in self._dirs:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(top)
+            changed.append(self._root_s)
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # ``ab/`` itself went behind our back
+            self._dirs.discard(top)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(top)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d)
+            changed.insert(0, self._root_s)
+        changed.append(top)
+        return tuple(changed)
 
     # --- reading ------------------------------------------------------------------------------------
     def read(self, blob_id: str) -> bytes:

@@ -4,17 +4,26 @@ Threads (the Datasette pattern):
 
 * one **writer thread** owns the write connection. Write requests queue up; the writer takes as
   many as are waiting (up to ``group_commit_max``), runs them in one ``BEGIN IMMEDIATE``
-  transaction, each inside its own SAVEPOINT (one failing request rolls back only itself), commits
-  once with ``synchronous=FULL`` and then resolves every request's future on the event loop.
+  transaction, commits once with ``synchronous=FULL`` and then resolves every request's future on
+  the event loop (one wake-up of the loop per batch). When a batch of message writes finds the
+  queue empty while ingest threads are still busy, it waits up to ``commit_delay`` (2 ms) for them
+  (PostgreSQL's commit_delay), so that one commit and one blob barrier serve them all. A run of
+  plain appends (``append``/``append_many``, ``deliver`` to one target) is merged into one set of
+  statements (one UPDATE per mailbox for UIDs and modseqs, one per account for usage, one INSERT
+  each for blob and message rows) with the same per-request results, quotas and change events.
+* a few **ingest threads** that hash, write (blobs.py) and parse each new message
+  (``postfach.mail.parse_message``, cached as JSON in the ``blob`` row, with the ``wire`` bits
+  POP3 uses to skip its scans) and hand the write straight to the writer queue: one hop per
+  message, no round trip through the event loop between the blob and the metadata.
 * a small pool of **reader threads**, each with its own connection; WAL gives every read a
   consistent snapshot, and since a write is acknowledged only after its commit, a caller always
-  reads its own writes.
-* a pool of **blob threads** that hash, parse (``postfach.mail.parse_message``, cached as JSON in
-  the ``blob`` row) and write message files concurrently, before the request reaches the writer.
+  reads its own writes. Lookups of one row by key (account, alias, mailbox, blob info) run on the
+  event loop's own read-only connection instead: ~20 µs, less than the hop to a thread.
+* a pool of **blob threads** that read message files.
 
 Durability (ARCHITECTURE.md invariant 1), in the writer, per batch: first the blob barrier (one
 ``syncfs(2)`` covering every file and folder the batch's requests wrote — see blobs.py; on
-platforms without it each blob thread fsyncs its file and folder instead), then ``BEGIN
+platforms without it each ingest thread fsyncs its file and folder instead), then ``BEGIN
 IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``; only then are the callers answered. The batch
 first runs without savepoints; if a request fails it is rolled back and run again with a
 SAVEPOINT per request, so one failure never fails its neighbours.
@@ -81,7 +90,7 @@ from postfach.store.base import (
     RecipientState,
     StoreFlagsResult,
 )
-from postfach.store.blobs import FileBlobStore, fsync_dir, os_error, sha256_hex
+from postfach.store.blobs import FileBlobStore, fsync_dir, os_error, sha256_hex, wire_flags
 from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
 
 log = logging.getLogger("postfach.store")
@@ -299,6 +308,32 @@ class _WriteRequest:
     pins: tuple[str, ...] = ()
     new_blobs: tuple[str, ...] = ()
     finished: bool = False  # _finish ran for it (pins released exactly once)
+    error: BaseException | None = None  # failed before the writer (blob files): no SQL, just clean up
+    append: _AppendSpec | None = None  # an append the writer may merge with its neighbours
+
+
+@dataclass(frozen=True, slots=True)
+class _AppendSpec:
+    """What a plain append (``append_many``, or ``deliver`` to one target) inserts, so that the
+    writer can run a run of them as one set of statements. ``fn`` of the same request does the
+    same for one request alone (the fallback when anything in the merged run fails)."""
+
+    account_id: AccountId
+    mailbox_id: MailboxId | None  # None: resolve ``mailbox_name`` (INBOX when absent)
+    mailbox_name: str
+    entries: tuple[tuple[_Blob, frozenset[str], int, int | None], ...]
+
+
+@dataclass(slots=True)
+class _IngestJob:
+    """Bytes to store as blobs, then a write built from the blobs, for one caller's future."""
+
+    datas: Sequence[bytes]
+    build: Callable[[list[_Blob]], Callable[[_Tx], Any]]
+    future: asyncio.Future[Any]
+    abandoned: bool = False  # the caller was cancelled before the write reached the writer
+    # For mergeable appends: (account, mailbox id or None, mailbox name, [(flags, internaldate µs)])
+    append: tuple[AccountId, MailboxId | None, str, Sequence[tuple[frozenset[str], int]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +341,7 @@ class _Blob:
     id: str
     size: int
     info: bytes | None
+    wire: int | None = None  # WIRE_* bits (base.py); None when not learned (rows of older copies)
 
 
 class _Subscription:
@@ -357,10 +393,11 @@ class _MaildropLock:
 
 
 class _FileBlobReader:
-    def __init__(self, store: SqliteStore, blob_id: str, size: int) -> None:
+    def __init__(self, store: SqliteStore, blob_id: str, size: int, wire: int | None = None) -> None:
         self._store = store
         self._blob_id = blob_id
         self._size = size
+        self.wire = wire  # WIRE_* bits (base.py), None when not known
 
     @property
     def size(self) -> int:
@@ -408,6 +445,30 @@ def _meta(row: sqlite3.Row) -> MessageMeta:
     )
 
 
+def _metas(rows: Iterable[tuple[Any, ...]]) -> list[MessageMeta]:
+    """MessageMeta records from plain tuples of _MESSAGE_COLS, sharing equal flag sets."""
+    memo: dict[str, frozenset[str]] = {}
+    epoch, us = _EPOCH, timedelta
+    out: list[MessageMeta] = []
+    append = out.append
+    for uid, modseq, flags, size, idate, blob_id, sdate in rows:
+        f = memo.get(flags)
+        if f is None:
+            f = memo[flags] = _flags_from(flags)
+        append(
+            MessageMeta(
+                uid,
+                modseq,
+                f,
+                size,
+                epoch + us(microseconds=idate),
+                blob_id,
+                epoch + us(microseconds=sdate) if sdate is not None else None,
+            )
+        )
+    return out
+
+
 def _account(row: sqlite3.Row) -> Account:
     return Account(
         id=AccountId(row["id"]),
@@ -442,6 +503,8 @@ class SqliteStore:
         blob_threads: int = 8,
         migrations: Sequence[Migration] | None = None,
         batch_sync: bool | None = None,
+        ingest_threads: int | None = None,
+        commit_delay: float = 0.002,
     ) -> None:
         self.path = Path(path)
         self.group_commit_max = max(1, group_commit_max)
@@ -449,9 +512,21 @@ class SqliteStore:
         self._blob_threads_n = max(1, blob_threads)
         self._migrations = list(migrations) if migrations is not None else None
         self._blobs = FileBlobStore(self.path / "blobs", batch_sync=batch_sync)
+        # Ingest threads: with batch sync their work is CPU (hash, parse, file creation), and two
+        # keep two cores busy (more only contend for the GIL); per-file fsyncs wait on the disk.
+        if ingest_threads is None:
+            ingest_threads = 2 if self._blobs.batch_sync else 6
+        self._ingest_threads_n = max(1, ingest_threads)
         self._db_path = self.path / "meta.sqlite3"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wq: queue.SimpleQueue[_WriteRequest | None] = queue.SimpleQueue()
+        self._iq: queue.SimpleQueue[_IngestJob | None] = queue.SimpleQueue()
+        self._ingesters: list[threading.Thread] = []
+        # Ingest jobs submitted but not yet handed to the writer (guarded by _inflight_lock): the
+        # writer waits up to commit_delay for them, so that one commit serves them all.
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self.commit_delay = commit_delay
         self._writer: threading.Thread | None = None
         self._wconn: sqlite3.Connection | None = None
         self._read_pool: ThreadPoolExecutor | None = None
@@ -459,6 +534,7 @@ class SqliteStore:
         self._local = threading.local()
         self._rconns: list[sqlite3.Connection] = []
         self._rconns_lock = threading.Lock()
+        self._lconn: sqlite3.Connection | None = None  # the event loop's own, for point reads
         self._subs: dict[AccountId, set[_Subscription]] = {}
         self._maildrop_locks: set[AccountId] = set()
         self._queue_claims: dict[int, float] = {}
@@ -468,6 +544,8 @@ class SqliteStore:
         self._gc_deferred: set[str] = set()
         self._open = False
         self.schema_version = 0
+        self._blob_insert_sql = ""
+        self._blob_open_sql = ""
 
     # ------------------------------------------------------------------------------- lifecycle
     async def open(self) -> None:
@@ -479,6 +557,16 @@ class SqliteStore:
         self._blob_pool = ThreadPoolExecutor(self._blob_threads_n, thread_name_prefix="postfach-store-blob")
         self._writer = threading.Thread(target=self._writer_main, name="postfach-store-writer", daemon=True)
         self._writer.start()
+        self._ingesters = [
+            threading.Thread(target=self._ingest_main, name=f"postfach-store-ingest-{i}", daemon=True)
+            for i in range(self._ingest_threads_n)
+        ]
+        for t in self._ingesters:
+            t.start()
+        try:
+            self._lconn = self._loop_connection()
+        except sqlite3.Error:
+            self._lconn = None  # point reads go through the reader threads instead
         self._open = True
 
     def _open_sync(self) -> None:
@@ -500,6 +588,16 @@ class SqliteStore:
                     raise StoreError(f"{self._db_path}: cannot switch to WAL mode (got {mode})")
                 migrations = self._migrations if self._migrations is not None else load_migrations()
                 self.schema_version = _apply_migrations(conn, migrations, self.path)
+                # The wire column comes with schema version 3 (a store may be opened with fewer
+                # migrations, by tests of upgrades): without it, readers scan as before.
+                has_wire = any(r[1] == "wire" for r in conn.execute("PRAGMA table_info(blob)"))
+                wire_col = "wire" if has_wire else "NULL"
+                self._blob_insert_sql = (
+                    "INSERT INTO blob (id, size, refcount, info, wire) VALUES (?, ?, 1, ?, ?)"
+                    if has_wire  # else the same four parameters, the last one ignored
+                    else "INSERT INTO blob (id, size, refcount, info) SELECT ?, ?, 1, ? WHERE ? IS NULL OR 1"
+                ) + " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1"
+                self._blob_open_sql = f"SELECT size, {wire_col} FROM blob WHERE id = ?"
             except BaseException:
                 conn.close()
                 raise
@@ -543,6 +641,12 @@ class SqliteStore:
         if not self._open:
             return
         self._open = False
+        # Ingest threads first: what they finish still goes to the writer before it stops.
+        for _ in self._ingesters:
+            self._iq.put(None)
+        for t in self._ingesters:
+            await asyncio.to_thread(t.join)
+        self._ingesters = []
         self._wq.put(None)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.join)
@@ -556,6 +660,9 @@ class SqliteStore:
                 c.close()
             self._rconns.clear()
         self._local = threading.local()
+        if self._lconn is not None:
+            self._lconn.close()
+            self._lconn = None
         if self._wconn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -631,6 +738,33 @@ class SqliteStore:
                 raise
             raise t from exc
 
+    def _loop_connection(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False, timeout=0.0)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("PRAGMA busy_timeout = 0")
+        return conn
+
+    async def _point_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read of one indexed row (account by address, alias, mailbox by name ...), run right
+        here on the event loop: in WAL mode a reader never waits for the writer, and such a
+        lookup costs ~20 µs, a sixth of a hop to a reader thread and back (which every SMTP RCPT
+        and POP3/IMAP login pays several times). ``fn`` must be one SELECT (its own snapshot).
+        Should SQLite ever report the database busy (recovery after a crash, a checkpoint that
+        truncates), the read goes to a reader thread, which waits with the normal timeout."""
+        self._check_open()
+        conn = self._lconn
+        if conn is not None:
+            try:
+                return fn(conn)
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", None)
+                if not isinstance(code, int) or code & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise _translate(exc) from exc
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+        return await self._read(fn)
+
     async def _in_blob_thread(self, fn: Callable[..., T], *args: Any) -> T:
         loop = self._check_open()
         assert self._blob_pool is not None
@@ -650,19 +784,68 @@ class SqliteStore:
         self._wq.put(_WriteRequest(fn, fut, tuple(pins), tuple(new_blobs)))
         return await asyncio.shield(fut)
 
-    def _abandon_ingest(self, gathered: asyncio.Future[list[_Blob | BaseException]]) -> None:
-        """The caller was cancelled during blob writes: once they finish, let the writer unpin the
-        new files and remove those nothing refers to."""
-        if gathered.cancelled():
+    async def _ingest_write(
+        self,
+        datas: Sequence[bytes],
+        build: Callable[[list[_Blob]], Callable[[_Tx], T]],
+        append: tuple[AccountId, MailboxId | None, str, Sequence[tuple[frozenset[str], int]]] | None = None,
+    ) -> T:
+        """Store ``datas`` as blobs and run the write ``build(blobs)`` returns, durable on return.
+
+        One hop: an ingest thread hashes, writes and parses the blobs and hands the write straight
+        to the writer queue; the writer resolves the future after the commit. The event loop
+        wakes once per group commit, not once per message. A caller cancelled meanwhile does not
+        stop the write (as with ``_write``)."""
+        loop = self._check_open()
+        fut: asyncio.Future[T] = loop.create_future()
+        fut.add_done_callback(_consume)
+        job = _IngestJob(datas, build, fut, append=append)
+        with self._inflight_lock:
+            self._inflight += 1
+        self._iq.put(job)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # Not yet handed to the writer: it never will be (its new files are removed).
+            job.abandoned = True
+            raise
+
+    def _ingest_main(self) -> None:
+        while True:
+            job = self._iq.get()
+            if job is None:
+                return
+            try:
+                self._ingest_job(job)
+            finally:
+                with self._inflight_lock:
+                    self._inflight -= 1
+
+    def _ingest_job(self, job: _IngestJob) -> None:
+        """Blobs of one job, then its write to the writer queue (or its clean-up on failure)."""
+        blobs: list[_Blob] = []
+        try:
+            for d in job.datas:
+                if job.abandoned:
+                    raise StoreError("abandoned: the caller went away before the write")
+                blobs.append(self._ingest_one(d))
+            fn = job.build(blobs)
+        except BaseException as exc:  # the writer unpins, removes the new files, answers
+            ids = tuple(b.id for b in blobs)
+            self._wq.put(_WriteRequest(_abandoned, job.future, ids, ids, error=_translate(exc)))
             return
-        ids = tuple(r.id for r in gathered.result() if isinstance(r, _Blob))
-        if not ids:
+        ids = tuple(b.id for b in blobs)
+        if job.abandoned:
+            self._wq.put(_WriteRequest(_abandoned, job.future, ids, ids))
             return
-        if not self._open or self._loop is None:
-            for i in ids:
-                self._blobs.unpin(i)
-            return
-        self._wq.put(_WriteRequest(_abandoned, None, ids, ids))
+        spec = None
+        if job.append is not None:
+            aid, mid, name, meta = job.append
+            if len(meta) == len(blobs):
+                spec = _AppendSpec(
+                    aid, mid, name, tuple((b, f, d, None) for b, (f, d) in zip(blobs, meta, strict=True))
+                )
+        self._wq.put(_WriteRequest(fn, job.future, ids, ids, append=spec))
 
     def _writer_main(self) -> None:
         stop = False
@@ -671,11 +854,25 @@ class SqliteStore:
             if first is None:
                 break
             batch = [first]
+            deadline = 0.0
             while len(batch) < self.group_commit_max:
                 try:
                     nxt = self._wq.get_nowait()
                 except queue.Empty:
-                    break
+                    # Commit delay (PostgreSQL's commit_delay): messages still being written by
+                    # the ingest threads will be here in a moment; wait a little for them so
+                    # that one commit and one blob barrier serve them all. Only then, never idle.
+                    if self._inflight <= 0 or not first.pins:  # only batches of message writes wait
+                        break
+                    now = time.monotonic()
+                    if not deadline:
+                        deadline = now + self.commit_delay
+                    if now >= deadline:
+                        break
+                    try:
+                        nxt = self._wq.get(timeout=deadline - now)
+                    except queue.Empty:
+                        break
                 if nxt is None:
                     stop = True
                     break
@@ -695,8 +892,8 @@ class SqliteStore:
         outcomes: list[tuple[_WriteRequest, bool, Any, _Tx | None]] = []
         if any(r.fn is _gc_only or r.fn is _abandoned for r in batch):
             # Clean-up requests do no SQL: "failing" them hands their blob ids to _finish, which
-            # removes the unreferenced ones.
-            outcomes = [(r, False, None, None) for r in batch if r.fn is _gc_only or r.fn is _abandoned]
+            # removes the unreferenced ones (and answers the caller with the error, if any).
+            outcomes = [(r, False, r.error, None) for r in batch if r.fn is _gc_only or r.fn is _abandoned]
             batch = [r for r in batch if not (r.fn is _gc_only or r.fn is _abandoned)]
             if not batch:
                 self._finish(outcomes)
@@ -779,18 +976,35 @@ class SqliteStore:
             self._finish(outcomes + [(r, False, err, None) for r in batch])
             return True
         done: list[tuple[_WriteRequest, bool, Any, _Tx | None]] = []
-        for req in batch:
+        i, n = 0, len(batch)
+        while i < n:
+            req = batch[i]
+            if req.append is not None and i + 1 < n and batch[i + 1].append is not None:
+                j = i + 2
+                while j < n and batch[j].append is not None:
+                    j += 1
+                try:
+                    done.extend(self._append_merged(conn, batch[i:j]))
+                except BaseException:
+                    # Some request of the run fails (quota, a mailbox gone ...): the slow path
+                    # finds out which one, with a savepoint each.
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    return False
+                i = j
+                continue
             tx = _Tx(conn)
             try:
                 result = req.fn(tx)
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                if len(batch) == 1:
+                if n == 1:
                     self._finish([*outcomes, (req, False, _translate(exc), None)])
                     return True
                 return False
             done.append((req, True, result, tx))
+            i += 1
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -800,6 +1014,117 @@ class SqliteStore:
             done = [(r, False, err, None) for r, _, _, _ in done]
         self._finish(outcomes + done)
         return True
+
+    def _append_merged(
+        self, conn: sqlite3.Connection, run: Sequence[_WriteRequest]
+    ) -> list[tuple[_WriteRequest, bool, Any, _Tx | None]]:
+        """A run of plain appends as one set of statements: per mailbox one UPDATE that takes
+        the UIDs and one modseq per request, per account one usage UPDATE, one INSERT of all
+        blob rows and one of all message rows. Results, quota rules and change events are those
+        of running each request's ``fn`` in order; raises (and the caller rolls back) if any
+        request would fail, so that the slow path can tell which."""
+        # 1. mailboxes and quotas, checked in request order
+        mids: dict[tuple[int, str], MailboxId] = {}
+        usage: dict[AccountId, list[Any]] = {}
+        per_mailbox: dict[MailboxId, list[int]] = {}  # mailbox -> indexes into run
+        targets: list[tuple[AccountId, MailboxId, _AppendSpec]] = []
+        for k, req in enumerate(run):
+            spec = req.append
+            assert spec is not None
+            aid = spec.account_id
+            mid = spec.mailbox_id
+            if mid is None:
+                key = (aid, spec.mailbox_name)
+                mid = mids.get(key)
+                if mid is None:
+                    r = conn.execute(
+                        "SELECT id FROM mailbox WHERE account_id = ? AND name IN (?, 'INBOX')"
+                        " ORDER BY name = 'INBOX' LIMIT 1",
+                        (aid, spec.mailbox_name),
+                    ).fetchone()
+                    if r is None:
+                        raise NotFound(f"no such account (id {aid})")
+                    mid = mids[key] = MailboxId(int(r[0]))
+            u = usage.get(aid)
+            if u is None:
+                row = conn.execute(
+                    "SELECT quota_bytes, quota_messages, used_bytes, used_messages FROM account WHERE id = ?", (aid,)
+                ).fetchone()
+                if row is None:
+                    raise NotFound("no such account")
+                u = usage[aid] = [row[0], row[1], int(row[2]), int(row[3]), 0, 0]
+            add_b = sum(e[0].size for e in spec.entries)
+            add_n = len(spec.entries)
+            qb, qm = u[0], u[1]
+            if add_b > 0 and qb is not None and u[2] + u[4] + add_b > qb:
+                raise QuotaExceeded("mailbox storage quota exceeded", resource="STORAGE")
+            if add_n > 0 and qm is not None and u[3] + u[5] + add_n > qm:
+                raise QuotaExceeded("mailbox message-count quota exceeded", resource="MESSAGE")
+            u[4] += add_b
+            u[5] += add_n
+            per_mailbox.setdefault(mid, []).append(k)
+            targets.append((aid, mid, spec))
+        # 2. UIDs and modseqs: one statement per mailbox
+        now = _now_us()
+        firsts: dict[int, tuple[int, int, int]] = {}  # request index -> (first uid, modseq, uidvalidity)
+        for mid, idxs in per_mailbox.items():
+            total = sum(len(targets[k][2].entries) for k in idxs)
+            mb = conn.execute(
+                "UPDATE mailbox SET uidnext = uidnext + ?, highestmodseq = highestmodseq + ?"
+                " WHERE id = ? AND account_id = ? RETURNING uidnext, highestmodseq, uidvalidity",
+                (total, len(idxs), mid, targets[idxs[0]][0]),
+            ).fetchall()
+            if not mb:
+                raise NotFound("no such mailbox")
+            uid = int(mb[0][0]) - total
+            if uid + total - 1 > MAX_UID:
+                raise NotPermitted("the mailbox has run out of UIDs")
+            modseq = int(mb[0][1]) - len(idxs)
+            uv = int(mb[0][2])
+            for k in idxs:
+                modseq += 1
+                firsts[k] = (uid, modseq, uv)
+                uid += len(targets[k][2].entries)
+        # 3. usage, blob rows, message rows
+        for aid, u in usage.items():
+            conn.execute(
+                "UPDATE account SET used_bytes = used_bytes + ?, used_messages = used_messages + ? WHERE id = ?",
+                (u[4], u[5], aid),
+            )
+        blob_rows: list[tuple[str, int, bytes | None, int | None]] = []
+        msg_rows: list[tuple[int, int, str, int, int, int, str, int, int, int]] = []
+        out: list[tuple[_WriteRequest, bool, Any, _Tx | None]] = []
+        for k, (req, (aid, mid, spec)) in enumerate(zip(run, targets, strict=True)):
+            uid, modseq, uv = firsts[k]
+            results: list[AppendResult] = []
+            for blob, flags, idate, sdate in spec.entries:
+                blob_rows.append((blob.id, blob.size, blob.info, blob.wire))
+                msg_rows.append(
+                    (
+                        mid,
+                        uid,
+                        blob.id,
+                        blob.size,
+                        idate,
+                        sdate if sdate is not None else now,
+                        _flags_text(flags),
+                        int("\\Seen" in flags),
+                        int("\\Deleted" in flags),
+                        modseq,
+                    )
+                )
+                results.append(AppendResult(mid, UidValidity(uv), Uid(uid), ModSeq(modseq)))
+                uid += 1
+            tx = _Tx(conn)
+            tx.changes.append(Change(aid, ChangeKind.APPEND, mid, ModSeq(modseq), tuple(r.uid for r in results)))
+            out.append((req, True, results, tx))
+        conn.executemany(self._blob_insert_sql, blob_rows)
+        conn.executemany(
+            "INSERT INTO message (mailbox_id, uid, blob_id, size, internaldate, savedate, flags, seen, deleted,"
+            " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            msg_rows,
+        )
+        return out
 
     def _finish(self, outcomes: list[tuple[_WriteRequest, bool, Any, _Tx | None]]) -> None:
         """After the commit: unpin, remove dead blob files, publish, resolve futures."""
@@ -865,42 +1190,13 @@ class SqliteStore:
             self._blobs.unpin(blob_id)
             raise
         del created  # parsed either way: the row may be new even when the file is not
-        return _Blob(blob_id, len(data), _parse_info(data))
-
-    async def _ingest(self, datas: Sequence[bytes]) -> list[_Blob]:
-        """Write (or find) the blob files, concurrently, each pinned until its request ends."""
-        gathered = asyncio.gather(*(self._in_blob_thread(self._ingest_one, d) for d in datas), return_exceptions=True)
-        try:
-            results = await asyncio.shield(gathered)
-        except asyncio.CancelledError:
-            gathered.add_done_callback(self._abandon_ingest)
-            raise
-        blobs: list[_Blob] = []
-        error: BaseException | None = None
-        for r in results:
-            if isinstance(r, BaseException):
-                error = error or r
-            else:
-                blobs.append(r)
-        if error is not None:
-            for b in blobs:
-                self._blobs.unpin(b.id)
-            t = _translate(error)
-            if t is error:
-                raise error
-            raise t from error
-        return blobs
+        return _Blob(blob_id, len(data), _parse_info(data), wire_flags(data))
 
     # ------------------------------------------------------------------ transaction building blocks
-    @staticmethod
-    def _incref(tx: _Tx, blobs: Sequence[_Blob]) -> None:
+    def _incref(self, tx: _Tx, blobs: Sequence[_Blob]) -> None:
         # info is None when the file existed already (its row committed by a concurrent writer,
         # or removed meanwhile): message_info then parses on demand.
-        tx.conn.executemany(
-            "INSERT INTO blob (id, size, refcount, info) VALUES (?, ?, 1, ?)"
-            " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1",
-            [(b.id, b.size, b.info) for b in blobs],
-        )
+        tx.conn.executemany(self._blob_insert_sql, [(b.id, b.size, b.info, b.wire) for b in blobs])
 
     @staticmethod
     def _decref(tx: _Tx, counts: Counter[str]) -> None:
@@ -1131,7 +1427,7 @@ class SqliteStore:
             r = conn.execute("SELECT * FROM domain WHERE name = ?", (name,)).fetchone()
             return Domain(r["name"], _from_us(r["created"]), r["quota_bytes"]) if r else None
 
-        return await self._read(fn)
+        return await self._point_read(fn)
 
     async def delete_domain(self, name: str) -> None:
         name = name.strip().lower().rstrip(".")
@@ -1192,14 +1488,14 @@ class SqliteStore:
             r = conn.execute("SELECT * FROM account WHERE address = ?", (address,)).fetchone()
             return _account(r) if r else None
 
-        return await self._read(fn)
+        return await self._point_read(fn)
 
     async def get_account_by_id(self, account_id: AccountId) -> Account | None:
         def fn(conn: sqlite3.Connection) -> Account | None:
             r = conn.execute("SELECT * FROM account WHERE id = ?", (account_id,)).fetchone()
             return _account(r) if r else None
 
-        return await self._read(fn)
+        return await self._point_read(fn)
 
     async def list_accounts(self, domain: str | None = None) -> list[Account]:
         def fn(conn: sqlite3.Connection) -> list[Account]:
@@ -1308,7 +1604,7 @@ class SqliteStore:
             rows = conn.execute("SELECT source, target FROM alias WHERE source = ? ORDER BY target", (source,))
             return [Alias(r[0], r[1]) for r in rows]
 
-        return await self._read(fn)
+        return await self._point_read(fn)
 
     # --------------------------------------------------------------------------------- mailboxes
     async def list_mailboxes(self, account_id: AccountId) -> list[Mailbox]:
@@ -1330,7 +1626,7 @@ class SqliteStore:
             ).fetchone()
             return _mailbox(r) if r else None
 
-        return await self._read(fn)
+        return await self._point_read(fn)
 
     async def get_mailbox_by_id(self, account_id: AccountId, mailbox_id: MailboxId) -> Mailbox | None:
         def fn(conn: sqlite3.Connection) -> Mailbox | None:
@@ -1340,7 +1636,7 @@ class SqliteStore:
             ).fetchone()
             return _mailbox(r) if r else None
 
-        return await self._read(fn)
+        return await self._point_read(fn)
 
     async def create_mailbox(self, account_id: AccountId, name: str, special_use: str | None = None) -> Mailbox:
         name = _norm_mailbox_name(name)
@@ -1519,70 +1815,101 @@ class SqliteStore:
     ) -> list[AppendResult]:
         if not items:
             return []
-        self._check_open()
-        blobs = await self._ingest([bytes(d) for d, _, _ in items])
         now = _now_us()
-        entries = [
-            (blob, normalize_flags(flags), _to_us(idate) if idate is not None else now, None)
-            for blob, (_, flags, idate) in zip(blobs, items, strict=True)
-        ]
+        meta = [(normalize_flags(flags), _to_us(idate) if idate is not None else now) for _, flags, idate in items]
 
-        def fn(tx: _Tx) -> list[AppendResult]:
-            uidvalidity, uids, modseq = self._insert_messages(tx, account_id, mailbox_id, entries)
-            return [AppendResult(mailbox_id, uidvalidity, u, modseq) for u in uids]
+        def build(blobs: list[_Blob]) -> Callable[[_Tx], list[AppendResult]]:
+            entries = [(blob, flags, idate, None) for blob, (flags, idate) in zip(blobs, meta, strict=True)]
 
-        ids = [b.id for b in blobs]
-        return await self._write(fn, pins=ids, new_blobs=ids)
+            def fn(tx: _Tx) -> list[AppendResult]:
+                uidvalidity, uids, modseq = self._insert_messages(tx, account_id, mailbox_id, entries)
+                return [AppendResult(mailbox_id, uidvalidity, u, modseq) for u in uids]
+
+            return fn
+
+        return await self._ingest_write([bytes(d) for d, _, _ in items], build, (account_id, mailbox_id, "", meta))
 
     async def deliver(self, data: bytes, targets: Sequence[DeliveryTarget]) -> list[AppendResult]:
         if not targets:
             return []
-        self._check_open()
         distinct: dict[bytes, int] = {}
         for t in targets:
             distinct.setdefault(t.prepend, len(distinct))
         datas = [p + data if p else data for p in distinct]
-        blobs = await self._ingest(datas)
         now = _now_us()
+        plan = [
+            (t.account_id, _norm_mailbox_name(t.mailbox), normalize_flags(t.flags), distinct[t.prepend])
+            for t in targets
+        ]
 
-        def fn(tx: _Tx) -> list[AppendResult]:
-            conn = tx.conn
-            # Resolve every target and check every quota first: nothing is written if any fails.
-            plans: list[tuple[DeliveryTarget, MailboxId, _Blob]] = []
-            need: dict[AccountId, tuple[int, int]] = {}
-            for t in targets:
-                blob = blobs[distinct[t.prepend]]
-                r = conn.execute(
-                    "SELECT id FROM mailbox WHERE account_id = ? AND name = ?",
-                    (t.account_id, _norm_mailbox_name(t.mailbox)),
-                ).fetchone()
-                if r is None:
+        def build(blobs: list[_Blob]) -> Callable[[_Tx], list[AppendResult]]:
+            def fn(tx: _Tx) -> list[AppendResult]:
+                conn = tx.conn
+                # Resolve every target and check every quota first: nothing is written if any fails.
+                plans: list[tuple[AccountId, MailboxId, frozenset[str], _Blob]] = []
+                need: dict[AccountId, tuple[int, int]] = {}
+                for aid, name, flags, bi in plan:
+                    blob = blobs[bi]
+                    # The named folder, else INBOX (one query: the named one sorts first).
                     r = conn.execute(
-                        "SELECT id FROM mailbox WHERE account_id = ? AND name = 'INBOX'", (t.account_id,)
+                        "SELECT id FROM mailbox WHERE account_id = ? AND name IN (?, 'INBOX')"
+                        " ORDER BY name = 'INBOX' LIMIT 1",
+                        (aid, name),
                     ).fetchone()
-                if r is None:
-                    raise NotFound(f"no such account (id {t.account_id})")
-                plans.append((t, MailboxId(int(r[0])), blob))
-                b, n = need.get(t.account_id, (0, 0))
-                need[t.account_id] = (b + blob.size, n + 1)
-            for aid, (b, n) in need.items():
-                self._check_quota(conn, aid, b, n)
-            results: list[AppendResult] = []
-            for t, mid, blob in plans:
-                uv, uids, modseq = self._insert_messages(
-                    tx, t.account_id, mid, [(blob, normalize_flags(t.flags), now, None)], check_quota=False
-                )
-                results.append(AppendResult(mid, uv, uids[0], modseq))
-            return results
+                    if r is None:
+                        raise NotFound(f"no such account (id {aid})")
+                    plans.append((aid, MailboxId(int(r[0])), flags, blob))
+                    b, n = need.get(aid, (0, 0))
+                    need[aid] = (b + blob.size, n + 1)
+                for aid, (b, n) in need.items():
+                    self._check_quota(conn, aid, b, n)
+                results: list[AppendResult] = []
+                for aid, mid, flags, blob in plans:
+                    uv, uids, modseq = self._insert_messages(
+                        tx, aid, mid, [(blob, flags, now, None)], check_quota=False
+                    )
+                    results.append(AppendResult(mid, uv, uids[0], modseq))
+                return results
 
-        ids = [b.id for b in blobs]
-        return await self._write(fn, pins=ids, new_blobs=ids)
+            return fn
+
+        single = None
+        if len(plan) == 1:  # the common case: one recipient, mergeable with other appends
+            aid, name, flags, _ = plan[0]
+            single = (aid, None, name, [(flags, now)])
+        return await self._ingest_write(datas, build, single)
 
     async def list_messages(self, account_id: AccountId, mailbox_id: MailboxId) -> list[MessageMeta]:
         def fn(conn: sqlite3.Connection) -> list[MessageMeta]:
             self._mailbox_row(conn, account_id, mailbox_id)
-            rows = conn.execute(f"SELECT {_MESSAGE_COLS} FROM message WHERE mailbox_id = ? ORDER BY uid", (mailbox_id,))
-            return [_meta(r) for r in rows]
+            cur = conn.cursor()
+            cur.row_factory = None  # plain tuples: a 100,000-message mailbox in well under a second
+            rows = cur.execute(f"SELECT {_MESSAGE_COLS} FROM message WHERE mailbox_id = ? ORDER BY uid", (mailbox_id,))
+            return _metas(rows)
+
+        return await self._read(fn)
+
+    async def list_uids_sizes(
+        self, account_id: AccountId, mailbox_id: MailboxId
+    ) -> list[tuple[Uid, int, frozenset[str]]]:
+        """(uid, size, flags) of every message, ascending by UID: one query, plain tuples, flag
+        sets shared between messages with the same flags. For POP3 login and the first view of
+        a large mailbox, where MessageMeta records for every message cost more than the query."""
+
+        def fn(conn: sqlite3.Connection) -> list[tuple[Uid, int, frozenset[str]]]:
+            self._mailbox_row(conn, account_id, mailbox_id)
+            cur = conn.cursor()
+            cur.row_factory = None
+            rows = cur.execute("SELECT uid, size, flags FROM message WHERE mailbox_id = ? ORDER BY uid", (mailbox_id,))
+            memo: dict[str, frozenset[str]] = {}
+            out: list[tuple[Uid, int, frozenset[str]]] = []
+            append = out.append
+            for uid, size, flags in rows:
+                f = memo.get(flags)
+                if f is None:
+                    f = memo[flags] = _flags_from(flags)
+                append((uid, size, f))
+            return out
 
         return await self._read(fn)
 
@@ -1593,6 +1920,10 @@ class SqliteStore:
             self._mailbox_row(conn, account_id, mailbox_id)
             return [_meta(r) for r in self._select_uids(conn, mailbox_id, uids, _MESSAGE_COLS)]
 
+        if len(uids) <= 16:
+            # A few messages (POP3 RETR, an IMAP FETCH of one message): indexed reads, right here.
+            # Two statements, two snapshots: harmless, a mailbox never changes its owner.
+            return await self._point_read(fn)
         return await self._read(fn)
 
     async def mailbox_changes(self, account_id: AccountId, mailbox_id: MailboxId, since: ModSeq) -> MailboxChanges:
@@ -1756,8 +2087,16 @@ class SqliteStore:
         return await self.read_blob(BlobId(blob_id))
 
     async def open_blob(self, blob_id: BlobId) -> _FileBlobReader:
-        size = await self._in_blob_thread(self._blobs.size, blob_id)
-        return _FileBlobReader(self, blob_id, size)
+        # Size and wire bits from the blob row (one indexed read, no thread hop); a file missing
+        # behind the row's back shows up as NotFound at the first read.
+        def fn(conn: sqlite3.Connection) -> tuple[int, int | None] | None:
+            r = conn.execute(self._blob_open_sql, (blob_id,)).fetchall()
+            return (int(r[0][0]), r[0][1]) if r else None
+
+        row = await self._point_read(fn)
+        if row is None:
+            raise NotFound("no such message data")
+        return _FileBlobReader(self, blob_id, row[0], row[1])
 
     async def read_blob(self, blob_id: BlobId) -> bytes:
         return await self._in_blob_thread(self._blobs.read, blob_id)
@@ -1769,7 +2108,7 @@ class SqliteStore:
                 raise NotFound("no such message data")
             return bytes(r[0]) if r[0] is not None else None
 
-        info = await self._read(fn)
+        info = await self._point_read(fn)  # one row by key: an IMAP FETCH of many ENVELOPEs
         if info is not None:
             return info
         data = await self.read_blob(blob_id)
@@ -1849,30 +2188,33 @@ class SqliteStore:
     ) -> QueueItem:
         if not recipients:
             raise NotPermitted("a queue item needs at least one recipient")
-        self._check_open()
-        (blob,) = await self._ingest([bytes(data)])
         now = _now_us()
+        rcpt_rows = [
+            (i, r.address, r.state.value, r.attempts, r.last_error, r.notify, r.orcpt) for i, r in enumerate(recipients)
+        ]
 
-        def fn(tx: _Tx) -> int:
-            conn = tx.conn
-            self._incref(tx, [blob])
-            cur = conn.execute(
-                "INSERT INTO queue (sender, blob_id, size, created, next_attempt, ret, envid, requiretls, smtputf8)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sender, blob.id, blob.size, now, now, ret, envid, int(requiretls), int(smtputf8)),
-            )
-            qid = int(cur.lastrowid or 0)
-            conn.executemany(
-                "INSERT INTO queue_recipient (queue_id, idx, address, state, attempts, last_error, notify, orcpt)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (qid, i, r.address, r.state.value, r.attempts, r.last_error, r.notify, r.orcpt)
-                    for i, r in enumerate(recipients)
-                ],
-            )
-            return qid
+        def build(blobs: list[_Blob]) -> Callable[[_Tx], int]:
+            (blob,) = blobs
 
-        qid = await self._write(fn, pins=[blob.id], new_blobs=[blob.id])
+            def fn(tx: _Tx) -> int:
+                conn = tx.conn
+                self._incref(tx, [blob])
+                cur = conn.execute(
+                    "INSERT INTO queue (sender, blob_id, size, created, next_attempt, ret, envid, requiretls,"
+                    " smtputf8) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sender, blob.id, blob.size, now, now, ret, envid, int(requiretls), int(smtputf8)),
+                )
+                qid = int(cur.lastrowid or 0)
+                conn.executemany(
+                    "INSERT INTO queue_recipient (queue_id, idx, address, state, attempts, last_error, notify,"
+                    " orcpt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(qid, *row) for row in rcpt_rows],
+                )
+                return qid
+
+            return fn
+
+        qid = await self._ingest_write([bytes(data)], build)
         item = await self.queue_get(QueueId(qid))
         assert item is not None
         return item
