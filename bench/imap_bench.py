@@ -4,7 +4,10 @@
       bodies, STORE flags, APPEND, EXPUNGE, SEARCH) -> operations/s and p50/p99 latency;
   (b) one mailbox of --big messages: SELECT, UID FETCH 1:* (UID FLAGS), UID SEARCH SUBJECT,
       FETCH of the newest 50 envelopes;
-  (c) server RSS per idle IDLE connection with --idle connections.
+  (c) server RSS per idle IDLE connection with --idle connections;
+  (d) issue 8 on the big mailbox: QRESYNC SELECT after 10 flag changes, SORT (DATE), THREAD
+      REFERENCES, SEARCH BODY (a scan: no full-text index yet), COMPRESS=DEFLATE ratio and server
+      CPU on FETCH of 1,000 headers (``--issue8-only`` runs just these).
 
     PYTHONPATH=src .venv/bin/python bench/imap_bench.py --data /tmp/imapbench [--big 100000]
         [--clients 10 50] [--seconds 20] [--idle 2000]
@@ -299,6 +302,117 @@ async def run_big(port: int, ctx: ssl.SSLContext, big: int) -> dict[str, float]:
     return out
 
 
+async def lines_of(c: Client, text: str) -> list[bytes]:
+    """A command's untagged lines (no literals expected) up to the tagged OK."""
+    c.n += 1
+    tag = b"t%d" % c.n
+    c.writer.write(tag + b" " + text.encode() + b"\r\n")
+    out = []
+    while True:
+        ln = await c.reader.readline()
+        if not ln:
+            raise EOFError(text)
+        out.append(ln.rstrip(b"\r\n"))
+        if ln.startswith(tag + b" "):
+            if not ln.startswith(tag + b" OK"):
+                raise RuntimeError(f"{text!r}: {ln!r}")
+            return out
+
+
+async def compressed_fetch(port: int, ctx: ssl.SSLContext, text: str, repeat: int) -> tuple[int, int]:
+    """COMPRESS DEFLATE, then ``text`` ``repeat`` times: (bytes on the wire, bytes inflated)."""
+    import zlib
+
+    c = Client()
+    await c.connect(port, ctx)
+    await c.cmd(f"LOGIN big@example.org {PASSWORD}")
+    await c.cmd("COMPRESS DEFLATE")
+    inflate, deflate = zlib.decompressobj(-15), zlib.compressobj(6, zlib.DEFLATED, -15)
+    wire = plain = 0
+    for n, cmd in enumerate(["SELECT INBOX"] + [text] * repeat):
+        tag = b"z%d" % n
+        c.writer.write(deflate.compress(tag + b" " + cmd.encode() + b"\r\n")
+                       + deflate.flush(zlib.Z_SYNC_FLUSH))
+        buf = b""
+        while True:
+            chunk = await c.reader.read(1 << 20)
+            if not chunk:
+                raise EOFError(cmd)
+            data = inflate.decompress(chunk)
+            if n:
+                wire += len(chunk)
+                plain += len(data)
+            buf = buf[-200:] + data
+            if (b"\r\n" + tag + b" OK") in buf and buf.endswith(b"\r\n"):
+                break
+    c.writer.close()
+    return wire, plain
+
+
+async def run_issue8(port: int, ctx: ssl.SSLContext, pid: int, big: int) -> dict[str, float]:
+    """Issue 8: QRESYNC SELECT with 10 changes, SORT by DATE, THREAD REFERENCES, SEARCH BODY,
+    COMPRESS=DEFLATE ratio and server CPU on FETCH of 1,000 headers."""
+    out: dict[str, float] = {}
+    c = Client()
+    await c.connect(port, ctx)
+    await c.cmd(f"LOGIN big@example.org {PASSWORD}")
+    await c.cmd("ENABLE QRESYNC")
+    sel = await lines_of(c, "SELECT INBOX")
+    uv = int(next(x for x in sel if b"[UIDVALIDITY" in x).split()[3].rstrip(b"]"))
+    hms = int(next(x for x in sel if b"[HIGHESTMODSEQ" in x).split()[3].rstrip(b"]"))
+    top = int(next(x for x in sel if b"[UIDNEXT" in x).split()[3].rstrip(b"]")) - 1
+    await c.cmd("UNSELECT")
+    other = Client()
+    await other.connect(port, ctx)
+    await other.cmd(f"LOGIN big@example.org {PASSWORD}")
+    await other.cmd("SELECT INBOX")
+    rng = random.Random()
+    for uid in rng.sample(range(1, top + 1), 10):
+        # A real change each run: toggle \Flagged.
+        got = await lines_of(other, f"UID FETCH {uid} (FLAGS)")
+        op = "-" if any(b"\\Flagged" in x for x in got) else "+"
+        await other.cmd(f"UID STORE {uid} {op}FLAGS.SILENT (\\Flagged)")
+    await other.close()
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        got = await lines_of(c, f"SELECT INBOX (QRESYNC ({uv} {hms} 1:{top}))")
+        times.append(time.perf_counter() - t)
+        assert sum(1 for x in got if b" FETCH (" in x) >= 1, got[-3:]
+        await c.cmd("UNSELECT")
+    out["imap_qresync_select_100k_ms"] = statistics.median(times[1:]) * 1000
+    out["imap_qresync_select_100k_first_ms"] = times[0] * 1000
+    await c.cmd("SELECT INBOX")
+
+    async def timed(key: str, text: str, repeat: int) -> None:
+        ts = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            await c.cmd_raw(text)
+            ts.append(time.perf_counter() - t)
+        out[key] = statistics.median(ts[1:] or ts) * 1000
+        out[key.replace("_ms", "_first_ms")] = ts[0] * 1000
+
+    await timed("imap_sort_date_100k_ms", "SORT (DATE) UTF-8 ALL", 5)
+    await timed("imap_thread_refs_100k_ms", "THREAD REFERENCES UTF-8 ALL", 4)
+    await timed("imap_search_body_100k_ms", 'UID SEARCH BODY "message 77777."', 2)
+    fetch = "FETCH 1:1000 (UID BODY.PEEK[HEADER])"
+    await c.cmd_raw(fetch)  # warm the caches so both runs measure the same work
+    cpu0 = cpu_seconds(pid)
+    plain_bytes = sum([await c.cmd_raw(fetch) for _ in range(5)])
+    cpu_plain = cpu_seconds(pid) - cpu0
+    cpu0 = cpu_seconds(pid)
+    wire, inflated = await compressed_fetch(port, ctx, fetch, 5)
+    cpu_deflate = cpu_seconds(pid) - cpu0
+    out["imap_compress_ratio"] = inflated / max(wire, 1)
+    out["imap_compress_fetch_1000_headers_kib"] = plain_bytes / 5 / 1024
+    out["imap_compress_fetch_1000_headers_wire_kib"] = wire / 5 / 1024
+    out["imap_compress_cpu_ms_plain"] = cpu_plain * 1000 / 5
+    out["imap_compress_cpu_ms_deflate"] = cpu_deflate * 1000 / 5
+    await c.close()
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -347,10 +461,14 @@ async def client_main(args: argparse.Namespace, port: int, pid: int) -> dict[str
         res["server_cpu_ms_per_op"] = (cpu_seconds(pid) - cpu0) * 1000 / (res["ops_per_s"] * args.seconds)
         mixed.append(res)
         print("mixed", res, flush=True)
-    if args.big:
+    if args.big and not args.issue8_only:
         print("big mailbox ...", file=sys.stderr)
         results["big"] = await run_big(port, ctx, args.big)
         print("big", results["big"], flush=True)
+    if args.big:
+        print("issue 8 figures ...", file=sys.stderr)
+        results["issue8"] = await run_issue8(port, ctx, pid, args.big)
+        print("issue8", results["issue8"], flush=True)
     if args.idle:
         print("idle connections ...", file=sys.stderr)
         results["idle"] = await run_idle(port, ctx, pid, args.idle)
@@ -377,6 +495,11 @@ def figures(results: dict[str, object], big: int) -> dict[str, float]:
                 label = f"imap_{name}_{size}_ms"
             out[label] = round(b[f"{key}_ms"], 2)
             out[label.replace("_ms", "_first_ms")] = round(b[f"{key}_first_ms"], 2)
+    i8 = results.get("issue8")
+    if isinstance(i8, dict):
+        size = "100k" if big == 100_000 else str(big)
+        for key, value in i8.items():
+            out[key.replace("_100k_", f"_{size}_")] = round(value, 2)
     idle = results.get("idle")
     if isinstance(idle, dict):
         out["imap_idle_rss_kib_per_conn"] = round(idle["kib_per_connection"], 1)
@@ -392,11 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--idle", type=int, default=2000)
     ap.add_argument("--prepare-only", action="store_true", help="load the data and stop")
+    ap.add_argument("--issue8-only", action="store_true",
+                    help="only the issue-8 figures (QRESYNC, SORT, THREAD, SEARCH BODY, COMPRESS)")
     ap.add_argument("--quick", action="store_true", help="short run: 10k mailbox, 5 s loads, 500 idle")
     args = ap.parse_args(argv)
     if args.serve:
         serve(args.data)
         return 0
+    if args.issue8_only:
+        args.clients, args.idle = [], 0
     if args.quick:
         args.big, args.seconds, args.idle = min(args.big, 10_000), min(args.seconds, 5.0), min(args.idle, 500)
         if args.data == Path("/tmp/postfach-imap-bench"):

@@ -5,9 +5,11 @@ Format (one item per line; lines starting with '#' are comments, blank lines are
   @tls                         the connection is TLS-protected (default: plaintext on 143)
   @message <mailbox> <i> [flags...]   append imap_helpers.message(i) through the store
   @config limits.<key> = <int> configuration override (before the first C line)
+  @quota <bytes> <messages>    the account's quota
   C<k>: <line>                 session k receives the line (CRLF appended; literals count it)
   S<k>: <line>                 the next line session k sent; {{regex}} holes
   S<k>: <EOF>                  session k has ended (LOGOUT / BYE)
+  {{=name}} in an S line captures a word (letters, digits, -); ${name} in a later line puts it in
 Every line a session sends must be matched before its next C line and at the end.
 """
 
@@ -95,7 +97,8 @@ class Peer:
 
 def expected_regex(text: str) -> re.Pattern[str]:
     parts = re.split(r"\{\{(.*?)\}\}", text)
-    rx = "".join(p if i % 2 else re.escape(p) for i, p in enumerate(parts))
+    rx = "".join((f"(?P<{p[1:]}>[\\w-]+)" if p.startswith("=") else p) if i % 2 else re.escape(p)
+                 for i, p in enumerate(parts))
     return re.compile(rx + r"\Z")
 
 
@@ -104,6 +107,7 @@ async def play(path: Path, tmp_path: Path) -> None:
     remote, tls = "127.0.0.1", False
     limits: dict[str, int] = {}
     setup: list[list[str]] = []
+    quota: tuple[int, ...] | None = None
     for line in lines:
         if line.startswith("@remote "):
             remote = line.split()[1]
@@ -114,8 +118,12 @@ async def play(path: Path, tmp_path: Path) -> None:
             limits[key.strip()] = int(value)
         elif line.startswith("@message "):
             setup.append(line.split()[1:])
+        elif line.startswith("@quota "):
+            quota = tuple(int(x) for x in line.split()[1:3])
     env = await make_env(tmp_path, limits=limits)
     try:
+        if quota is not None:
+            await env.store.set_quota(env.account_id, quota[0], quota[1])
         for args in setup:
             mb = await env.store.get_mailbox(env.account_id, args[0])
             assert mb is not None, args
@@ -136,6 +144,7 @@ async def play(path: Path, tmp_path: Path) -> None:
             pending[k].extend(await p.lines())
             return pending[k]
 
+        variables: dict[str, str] = {}
         for no, line in enumerate(lines, 1):
             m = re.match(r"([CS])(\d+): ?(.*)\Z", line)
             if not m:
@@ -145,6 +154,7 @@ async def play(path: Path, tmp_path: Path) -> None:
             if kind == "C":
                 got = await collect(k)
                 assert not got, f"{where}: unexpected output from session {k}: {got!r}"
+                text = re.sub(r"\$\{(\w+)\}", lambda v: variables[v.group(1)], text)
                 await peer(k).feed(text.encode("utf-8"))
             else:
                 got = await collect(k)
@@ -153,7 +163,10 @@ async def play(path: Path, tmp_path: Path) -> None:
                     continue
                 assert got, f"{where}: session {k} sent nothing, expected {text!r}"
                 actual = got.pop(0).decode("utf-8", "replace")
-                assert expected_regex(text).match(actual), f"{where}: expected {text!r}, got {actual!r}"
+                text = re.sub(r"\$\{(\w+)\}", lambda v: variables[v.group(1)], text)
+                hit = expected_regex(text).match(actual)
+                assert hit, f"{where}: expected {text!r}, got {actual!r}"
+                variables.update(hit.groupdict())
         for k in peers:
             got = await collect(k)
             assert not got, f"{path.name}: unmatched output from session {k}: {got!r}"

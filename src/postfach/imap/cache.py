@@ -26,6 +26,11 @@ class LruCache(Generic[K, T]):
         self._items.move_to_end(key)
         return hit[0]
 
+    def peek(self, key: K) -> T | None:
+        """Like get, without refreshing the entry's age (bulk readers: SORT over 100k)."""
+        hit = self._items.get(key)
+        return None if hit is None else hit[0]
+
     def put(self, key: K, value: T, cost: int = 1) -> None:
         if cost > self.max_cost // 8:
             return

@@ -17,6 +17,7 @@ class SeqSet:
     """A sequence-set; ``None`` in a range stands for ``*`` (RFC 9051 §9 seq-number)."""
 
     ranges: tuple[tuple[int | None, int | None], ...]
+    saved: bool = False  # "$": the saved search result (RFC 5182 SEARCHRES)
 
     def bounds(self, largest: int) -> list[tuple[int, int]]:
         """Ranges as (low, high) with ``*`` = ``largest`` (RFC 9051 §9 seq-range: order is free)."""
@@ -31,6 +32,8 @@ class SeqSet:
         def one(v: int | None) -> str:
             return "*" if v is None else str(v)
 
+        if self.saved:
+            return "$"
         return ",".join(one(a) if a == b else f"{one(a)}:{one(b)}" for a, b in self.ranges)
 
 
@@ -161,10 +164,21 @@ class Enable(Authenticated):
 
 
 @dataclass(frozen=True, slots=True)
+class Qresync:
+    """SELECT/EXAMINE (QRESYNC (uidvalidity modseq [known-uids [seq-match]])) (RFC 7162 §3.2.5)."""
+
+    uidvalidity: int
+    modseq: int
+    known_uids: SeqSet | None = None
+    seq_match: tuple[SeqSet, SeqSet] | None = None  # (known sequence set, known uid set)
+
+
+@dataclass(frozen=True, slots=True)
 class Select(Authenticated):
     mailbox: str
     readonly: bool = False  # EXAMINE
     condstore: bool = False
+    qresync: Qresync | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +237,27 @@ class Append(Authenticated):
 
 
 @dataclass(frozen=True, slots=True)
+class NotifyGroup:
+    """One RFC 5465 event group: a filter (SELECTED, SELECTED-DELAYED, INBOXES, PERSONAL,
+    SUBSCRIBED, SUBTREE, MAILBOXES) with its mailboxes, and its events (() for NONE)."""
+
+    filter: str
+    mailboxes: tuple[str, ...]
+    events: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Notify(Authenticated):
+    groups: tuple[NotifyGroup, ...] | None  # None: NOTIFY NONE
+    status: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Compress(Authenticated):
+    mechanism: str  # RFC 4978: DEFLATE
+
+
+@dataclass(frozen=True, slots=True)
 class Idle(Authenticated):
     pass
 
@@ -261,6 +296,44 @@ class Search(Selected):
     uid: bool = False
     charset: str | None = None
     return_opts: tuple[str, ...] | None = None  # None: no RETURN (plain SEARCH), () = RETURN ()
+    partial: tuple[int, int] | None = None  # RFC 9394 RETURN (PARTIAL lo:hi); negative: from the end
+
+
+@dataclass(frozen=True, slots=True)
+class Sort(Selected):
+    """RFC 5256 SORT; ``criteria`` are (key, reverse) with key ARRIVAL, CC, DATE, FROM, SIZE,
+    SUBJECT, TO, DISPLAYFROM, DISPLAYTO (RFC 5957)."""
+
+    criteria: tuple[tuple[str, bool], ...]
+    key: SearchKey
+    uid: bool = False
+    charset: str = "UTF-8"
+    return_opts: tuple[str, ...] | None = None  # ESORT (RFC 5267)
+    partial: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Thread(Selected):
+    algorithm: str  # ORDEREDSUBJECT or REFERENCES
+    key: SearchKey
+    uid: bool = False
+    charset: str = "UTF-8"
+
+
+@dataclass(frozen=True, slots=True)
+class GetQuota(Authenticated):
+    root: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetQuotaRoot(Authenticated):
+    mailbox: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetQuota(Authenticated):
+    root: str
+    limits: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +342,7 @@ class Fetch(Selected):
     items: tuple[FetchAtt, ...]
     uid: bool = False
     changedsince: int | None = None
+    vanished: bool = False  # RFC 7162 §3.2.6 UID FETCH (CHANGEDSINCE n VANISHED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +353,16 @@ class Store(Selected):
     flags: frozenset[str]
     uid: bool = False
     unchangedsince: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replace(Selected):
+    """RFC 8508 REPLACE / UID REPLACE."""
+
+    target: int
+    mailbox: str
+    message: AppendMessage
+    uid: bool = False
 
 
 @dataclass(frozen=True, slots=True)

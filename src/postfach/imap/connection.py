@@ -12,6 +12,7 @@ import asyncio.sslproto
 import contextlib
 import logging
 import ssl
+import zlib
 from typing import Any
 
 from postfach.context import ConnectionInfo, ServerContext
@@ -23,6 +24,7 @@ from postfach.types import AccountId
 log = logging.getLogger("postfach.imap")
 
 READ_SIZE = 65536
+INFLATE_CHUNK = 1024 * 1024  # RFC 4978: inflate at most this much per step (deflate bombs)
 WRITE_HIGH_WATER = 256 * 1024
 
 MIN_TIMEOUT_SECONDS = 1800  # RFC 9051 §5.4: the autologout timer is at least 30 minutes
@@ -37,19 +39,26 @@ class _Closed(ConnectionError):
 
 class _WriterSink:
     """Writes with backpressure: a slow reader blocks only its own session (issue 3 §9), and a
-    peer that stops reading altogether is dropped after the inactivity timeout."""
+    peer that stops reading altogether is dropped after the inactivity timeout. After COMPRESS
+    DEFLATE every write is deflated and sync-flushed (RFC 4978 §4)."""
 
-    __slots__ = ("timeout", "writer")
+    __slots__ = ("deflate", "timeout", "writer")
 
     def __init__(self, writer: asyncio.StreamWriter, timeout: float) -> None:
         self.writer = writer
         self.timeout = timeout
+        self.deflate: Any = None  # zlib compressobj once COMPRESS is active
+
+    def encode(self, data: bytes) -> bytes:
+        if self.deflate is None:
+            return data
+        return bytes(self.deflate.compress(data) + self.deflate.flush(zlib.Z_SYNC_FLUSH))
 
     async def write(self, data: bytes) -> None:
         writer = self.writer
         if writer.is_closing():
             raise _Closed()
-        writer.write(data)
+        writer.write(self.encode(data))
         if writer.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
             await writer.drain()  # returns at once below the transport's high-water mark
             return
@@ -61,8 +70,8 @@ class _WriterSink:
 
 
 class _Driver:
-    __slots__ = ("__weakref__", "_read_task", "_timer", "_waiting", "conn", "ctx", "reader", "receiver",
-                 "session", "timeout", "writer")
+    __slots__ = ("__weakref__", "_inflate", "_notify_task", "_read_task", "_sink", "_timer", "_waiting", "conn", "ctx",
+                 "reader", "receiver", "session", "timeout", "writer")
 
     def __init__(self, ctx: ServerContext, conn: ConnectionInfo, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -74,8 +83,11 @@ class _Driver:
         self.timeout = float(max(limits.imap_idle_timeout_seconds, MIN_TIMEOUT_SECONDS))
         self.receiver = Receiver(limits.max_line_bytes, limits.max_literal_bytes)
         counts: dict[AccountId, int] = ctx.services.setdefault(ACCOUNT_COUNTS_KEY, {})
-        self.session = Session(ctx, conn, _WriterSink(writer, self.timeout), account_connections=counts)
+        self._sink = _WriterSink(writer, self.timeout)
+        self._inflate: Any = None  # zlib decompressobj once COMPRESS is active
+        self.session = Session(ctx, conn, self._sink, account_connections=counts)
         self._read_task: asyncio.Task[bytes] | None = None
+        self._notify_task: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiting = False
         _watch_shutdown(ctx, self)
@@ -93,7 +105,7 @@ class _Driver:
     def _closing(self, text: str) -> None:
         """Say BYE and close from a callback while the driver waits for the client."""
         with contextlib.suppress(Exception):
-            self.writer.write(r.untagged("BYE " + text))
+            self.writer.write(self._sink.encode(r.untagged("BYE " + text)))
             self.writer.close()
 
     async def _read(self, extra: asyncio.Future[None] | None = None) -> bytes | None:
@@ -102,6 +114,8 @@ class _Driver:
         if self.ctx.shutdown.is_set():
             await self._bye("Server shutting down")
             raise _Closed()
+        if self._inflate is not None and self._inflate.unconsumed_tail:
+            return self._inflated(b"")
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.timeout, self._on_timeout)
         self._waiting = True
@@ -124,7 +138,24 @@ class _Driver:
                 self._timer = None
         if not data:
             raise _Closed()
+        if self._inflate is not None:
+            return self._inflated(data)
         return data
+
+    def _inflated(self, raw: bytes) -> bytes:
+        """Inflate what came in (RFC 4978), at most INFLATE_CHUNK at a time; the rest waits in
+        ``unconsumed_tail``. A broken stream ends the session with BYE."""
+        d = self._inflate
+        try:
+            out = bytes(d.decompress(d.unconsumed_tail + raw, INFLATE_CHUNK))
+        except zlib.error:
+            log.info("broken DEFLATE stream from %s", self.conn.remote_ip)
+            self._closing("Invalid compressed data")
+            raise _Closed() from None
+        if d.eof:
+            self._closing("Compressed stream ended")
+            raise _Closed()
+        return out
 
     async def _line(self) -> bytes:
         while True:
@@ -137,7 +168,7 @@ class _Driver:
 
     async def _bye(self, text: str) -> None:
         with contextlib.suppress(Exception):
-            self.writer.write(r.untagged("BYE " + text))
+            self.writer.write(self._sink.encode(r.untagged("BYE " + text)))
             await asyncio.wait_for(self.writer.drain(), 5)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -146,7 +177,18 @@ class _Driver:
         while True:
             ev = self.receiver.next_event()
             if isinstance(ev, NeedData):
-                data = await self._read()
+                if self.session.notify_active:
+                    # RFC 5465: with NOTIFY on, changes are told while the client is quiet too.
+                    if self._notify_task is None:
+                        self._notify_task = asyncio.ensure_future(self.session.wait_change())
+                    data = await self._read(self._notify_task)
+                    if data is None:
+                        self._notify_task = None
+                        if await self.session.notify_update() is Next.LOGOUT:
+                            return
+                        continue
+                else:
+                    data = await self._read()
                 assert data is not None
                 self.receiver.feed(data)
                 continue
@@ -164,7 +206,10 @@ class _Driver:
                 return
             if nxt is Next.STARTTLS:
                 await self._starttls()
+            elif nxt is Next.COMPRESS:
+                await self._compress()
             elif nxt is Next.IDLE:
+                self._stop_notify_wait()
                 await self._idle()
             if self.ctx.shutdown.is_set():
                 await self._bye("Server shutting down")
@@ -199,6 +244,16 @@ class _Driver:
             raise _Closed() from None
         self.session.tls_started()
 
+    async def _compress(self) -> None:
+        # RFC 4978 §3: the tagged OK is the last uncompressed byte either way; whatever the
+        # client sent after the command is already compressed.
+        await self.session.compress_ready()
+        pending = self.receiver.take_buffered()
+        self._sink.deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self._inflate = zlib.decompressobj(-15)
+        if pending:
+            self.receiver.feed(self._inflated(pending))
+
     async def _idle(self) -> None:
         change: asyncio.Task[None] = asyncio.ensure_future(self.session.wait_change())
         try:
@@ -218,9 +273,15 @@ class _Driver:
         finally:
             change.cancel()
 
+    def _stop_notify_wait(self) -> None:
+        if self._notify_task is not None:
+            self._notify_task.cancel()
+            self._notify_task = None
+
     async def close(self) -> None:
         drivers: set[_Driver] = self.ctx.services.get(DRIVERS_KEY, set())
         drivers.discard(self)
+        self._stop_notify_wait()
         if self._read_task is not None:
             self._read_task.cancel()
         if self._timer is not None:

@@ -19,6 +19,7 @@ from postfach.imap.utf7 import decode as utf7_decode
 
 MAX_DEPTH = 64  # nested parentheses in SEARCH
 MAX_RANGES = 10000  # ranges in one sequence-set
+MAX_MODSEQ = 2**63 - 1  # RFC 7162 §7 mod-sequence-value: a positive unsigned 63-bit integer
 
 
 class ParseError(Exception):
@@ -48,11 +49,11 @@ _LITERAL = re.compile(rb"(~?)\{(\d{1,20})(\+?)\}\r?\n")
 
 STATUS_ITEMS = frozenset(
     {"MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE", "RECENT", "HIGHESTMODSEQ",
-     "APPENDLIMIT"})
+     "APPENDLIMIT", "MAILBOXID"})
 
 _SIMPLE_FETCH = frozenset(
     {"FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "UID", "RFC822",
-     "RFC822.HEADER", "RFC822.TEXT", "MODSEQ", "SAVEDATE", "EMAILID", "THREADID"})
+     "RFC822.HEADER", "RFC822.TEXT", "MODSEQ", "SAVEDATE", "EMAILID", "THREADID", "PREVIEW"})
 _MACROS = {
     "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
     "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
@@ -246,6 +247,8 @@ class _P:
 
     # --- compound ---------------------------------------------------------------------------------
     def seqset(self) -> c.SeqSet:
+        if self.try_(b"$"):  # RFC 5182 §2.1
+            return c.SeqSet((), saved=True)
         ranges: list[tuple[int | None, int | None]] = []
         while True:
             a = self.seq_number()
@@ -393,6 +396,7 @@ def _dispatch(p: _P, name: str) -> c.Command:
             p.sp()
             mbox = p.mailbox()
             condstore = False
+            qresync: c.Qresync | None = None
             if not p.at_end():
                 p.sp()
                 p.open_paren()
@@ -400,12 +404,17 @@ def _dispatch(p: _P, name: str) -> c.Command:
                     param = p.atom("a select parameter").upper()
                     if param == "CONDSTORE":
                         condstore = True
+                    elif param == "QRESYNC" and qresync is None:
+                        p.sp()
+                        qresync = _qresync(p)
                     else:
                         raise p.fail(f"unknown select parameter {param}")
                     if p.try_(b")"):
                         break
                     p.sp()
-            return c.Select(tag, mbox, readonly=name == "EXAMINE", condstore=condstore)
+                p.depth -= 1
+            return c.Select(tag, mbox, readonly=name == "EXAMINE", condstore=condstore,
+                            qresync=qresync)
         case "CREATE":
             p.sp()
             mbox = p.mailbox()
@@ -466,6 +475,11 @@ def _dispatch(p: _P, name: str) -> c.Command:
             return _append(p)
         case "IDLE":
             return c.Idle(tag)
+        case "NOTIFY":
+            return _notify(p)
+        case "COMPRESS":
+            p.sp()
+            return c.Compress(tag, p.atom("a compression mechanism").upper())
         case "UNAUTHENTICATE":
             return c.Unauthenticate(tag)
         case "CHECK":
@@ -478,6 +492,18 @@ def _dispatch(p: _P, name: str) -> c.Command:
             return c.Expunge(tag)
         case "SEARCH":
             return _search(p, uid=False)
+        case "SORT":
+            return _sort(p, uid=False)
+        case "THREAD":
+            return _thread(p, uid=False)
+        case "GETQUOTA":
+            p.sp()
+            return c.GetQuota(tag, p.astring())
+        case "GETQUOTAROOT":
+            p.sp()
+            return c.GetQuotaRoot(tag, p.mailbox())
+        case "SETQUOTA":
+            return _setquota(p)
         case "FETCH":
             return _fetch(p, uid=False)
         case "STORE":
@@ -492,6 +518,8 @@ def _dispatch(p: _P, name: str) -> c.Command:
             s = p.seqset()
             p.sp()
             return c.Move(tag, s, p.mailbox())
+        case "REPLACE":
+            return _replace(p, uid=False)
         case "UID":
             p.sp()
             sub = p.atom("a UID command").upper()
@@ -500,6 +528,10 @@ def _dispatch(p: _P, name: str) -> c.Command:
                     return _fetch(p, uid=True)
                 case "SEARCH":
                     return _search(p, uid=True)
+                case "SORT":
+                    return _sort(p, uid=True)
+                case "THREAD":
+                    return _thread(p, uid=True)
                 case "STORE":
                     return _store(p, uid=True)
                 case "COPY":
@@ -515,6 +547,8 @@ def _dispatch(p: _P, name: str) -> c.Command:
                 case "EXPUNGE":
                     p.sp()
                     return c.Expunge(tag, p.seqset())
+                case "REPLACE":
+                    return _replace(p, uid=True)
             raise p.fail(f"unknown UID command {sub}")
     raise _SyntaxError(f"unknown command {name[:40]}")
 
@@ -616,6 +650,32 @@ def _list(p: _P) -> c.List:
                   tuple(status_items), extended=extended)
 
 
+def _replace(p: _P, uid: bool) -> c.Replace:
+    """REPLACE <seq|uid> <mailbox> [flags] [date-time] literal (RFC 8508 §5)."""
+    p.sp()
+    target = p.number(nz=True)
+    p.sp()
+    mbox = p.mailbox()
+    p.sp()
+    flags: frozenset[str] = frozenset()
+    when: datetime | None = None
+    if p.peek() == 0x28:
+        flags = p.flag_list()
+        p.sp()
+    if p.peek() == 0x22:
+        when = p.date_time()
+        if when is None:
+            raise p.fail("bad date-time")
+        p.sp()
+    lit = p.literal()
+    if lit is None and p.try_ci(b"UTF8 ("):
+        lit = p.literal()
+        p.expect(b")")
+    if lit is None:
+        raise p.fail("expected the message as a literal")
+    return c.Replace(p.tag, target, mbox, c.AppendMessage(lit, flags, when), uid=uid)
+
+
 def _append(p: _P) -> c.Append:
     p.sp()
     mbox = p.mailbox()
@@ -669,21 +729,31 @@ def _fetch(p: _P, uid: bool) -> c.Fetch:
             p.pos = save
             items.append(_fetch_att(p))
     changedsince: int | None = None
-    if not p.at_end():  # RFC 7162 §3.1.4.1 fetch modifiers
+    vanished = False
+    if not p.at_end():  # RFC 7162 §3.1.4.1 fetch modifiers, §3.2.6 VANISHED
         p.sp()
         p.open_paren()
-        if not p.try_ci(b"CHANGEDSINCE"):
-            raise p.fail("unknown FETCH modifier")
-        p.sp()
-        changedsince = p.number(limit=2**63 - 1)
-        if p.try_ci(b" VANISHED"):
-            pass
-        p.close_paren()
+        while True:
+            mod = p.atom("a FETCH modifier").upper()
+            if mod == "CHANGEDSINCE" and changedsince is None:
+                p.sp()
+                changedsince = p.number(limit=MAX_MODSEQ)
+            elif mod == "VANISHED" and not vanished:
+                vanished = True
+            else:
+                raise p.fail(f"unknown FETCH modifier {mod[:40]}")
+            if p.try_(b")"):
+                break
+            p.sp()
+        p.depth -= 1
+        if vanished and (changedsince is None or not uid):
+            # RFC 7162 §3.2.6: VANISHED needs UID FETCH and CHANGEDSINCE.
+            raise p.fail("VANISHED needs UID FETCH with CHANGEDSINCE")
     if changedsince is not None and not any(i.name == "MODSEQ" for i in items):
         items.append(c.FetchAtt("MODSEQ"))  # RFC 7162 §3.1.4.1
     if uid and not any(i.name == "UID" for i in items):
         items.insert(0, c.FetchAtt("UID"))  # RFC 9051 §6.4.9: UID FETCH always answers UID
-    return c.Fetch(p.tag, seqset, tuple(items), uid=uid, changedsince=changedsince)
+    return c.Fetch(p.tag, seqset, tuple(items), uid=uid, changedsince=changedsince, vanished=vanished)
 
 
 def _fetch_att(p: _P) -> c.FetchAtt:
@@ -709,6 +779,8 @@ def _fetch_att(p: _P) -> c.FetchAtt:
             partial = (start, length)
         name = "BINARY.SIZE" if word == "BINARY.SIZE" else ("BINARY" if binary else "BODY[]")
         return c.FetchAtt(name, section, partial, peek=word.endswith(".PEEK"))
+    if word == "PREVIEW" and p.try_ci(b" (LAZY)"):  # RFC 8970 §3.1: we always compute it
+        return c.FetchAtt(word)
     if word in _SIMPLE_FETCH:
         return c.FetchAtt(word)
     if word in _MACROS:
@@ -761,7 +833,7 @@ def _store(p: _P, uid: bool) -> c.Store:
         if not p.try_ci(b"UNCHANGEDSINCE"):
             raise p.fail("unknown STORE modifier")
         p.sp()
-        unchangedsince = p.number(limit=2**63 - 1)
+        unchangedsince = p.number(limit=MAX_MODSEQ)
         p.close_paren()
         p.sp()
     op = ""
@@ -791,6 +863,7 @@ def _store(p: _P, uid: bool) -> c.Store:
 def _search(p: _P, uid: bool) -> c.Search:
     charset: str | None = None
     return_opts: tuple[str, ...] | None = None
+    partial: tuple[int, int] | None = None
     p.sp()
     if p.try_ci(b"RETURN "):  # RFC 4731 §3
         p.open_paren()
@@ -798,9 +871,9 @@ def _search(p: _P, uid: bool) -> c.Search:
         while not p.try_(b")"):
             if opts:
                 p.sp()
-            opt = p.atom("a search return option").upper()
-            if opt not in ("MIN", "MAX", "ALL", "COUNT", "SAVE"):
-                raise p.fail(f"unknown search return option {opt}")
+            opt, rng = _return_opt(p)
+            if rng is not None:
+                partial = rng
             opts.append(opt)
         p.depth -= 1
         return_opts = tuple(opts)
@@ -808,12 +881,120 @@ def _search(p: _P, uid: bool) -> c.Search:
     if p.try_ci(b"CHARSET "):
         charset = p.astring().upper()
         p.sp()
+    key = _search_program(p)
+    return c.Search(p.tag, key, uid=uid, charset=charset, return_opts=return_opts, partial=partial)
+
+
+def _return_opt(p: _P) -> tuple[str, tuple[int, int] | None]:
+    """One ESEARCH/ESORT return option; PARTIAL (RFC 9394 §3) carries its range."""
+    opt = p.atom("a search return option").upper()
+    if opt not in ("MIN", "MAX", "ALL", "COUNT", "SAVE", "PARTIAL"):
+        raise p.fail(f"unknown search return option {opt[:40]}")
+    if opt != "PARTIAL":
+        return opt, None
+    p.sp()
+    neg = p.try_(b"-")
+    lo = p.number(nz=True)
+    p.expect(b":")
+    if neg:
+        p.expect(b"-")
+    hi = p.number(nz=True)
+    if lo > hi:
+        lo, hi = hi, lo
+    return opt, ((-lo, -hi) if neg else (lo, hi))
+
+
+def _search_program(p: _P) -> c.SearchKey:
     keys = [_search_key(p)]
     while not p.at_end():
         p.sp()
         keys.append(_search_key(p))
-    key = keys[0] if len(keys) == 1 else c.SearchKey("AND", tuple(keys))
-    return c.Search(p.tag, key, uid=uid, charset=charset, return_opts=return_opts)
+    return keys[0] if len(keys) == 1 else c.SearchKey("AND", tuple(keys))
+
+
+_SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM",
+                        "DISPLAYTO"})
+
+
+def _sort(p: _P, uid: bool) -> c.Sort:
+    """RFC 5256 §3: SORT [RETURN (...)] (criteria) charset search-key... (RFC 5267 ESORT)."""
+    p.sp()
+    return_opts: tuple[str, ...] | None = None
+    partial: tuple[int, int] | None = None
+    if p.try_ci(b"RETURN "):
+        p.open_paren()
+        opts: list[str] = []
+        while not p.try_(b")"):
+            if opts:
+                p.sp()
+            opt, rng = _return_opt(p)
+            if rng is not None:
+                partial = rng
+            opts.append(opt)
+        p.depth -= 1
+        return_opts = tuple(opts)
+        p.sp()
+    p.open_paren()
+    criteria: list[tuple[str, bool]] = []
+    reverse = False
+    while True:
+        word = p.atom("a sort criterion").upper()
+        if word == "REVERSE":
+            if reverse:
+                raise p.fail("REVERSE REVERSE")
+            reverse = True
+        else:
+            if word not in _SORT_KEYS:
+                raise p.fail(f"unknown sort criterion {word[:40]}")
+            criteria.append((word, reverse))
+            reverse = False
+        if p.try_(b")"):
+            break
+        p.sp()
+    p.depth -= 1
+    if reverse or not criteria:
+        raise p.fail("REVERSE must precede a sort key")
+    p.sp()
+    charset = p.astring().upper()
+    p.sp()
+    return c.Sort(p.tag, tuple(criteria), _search_program(p), uid=uid, charset=charset,
+                  return_opts=return_opts, partial=partial)
+
+
+def _thread(p: _P, uid: bool) -> c.Thread:
+    p.sp()
+    algo = p.atom("a thread algorithm").upper()
+    p.sp()
+    charset = p.astring().upper()
+    p.sp()
+    return c.Thread(p.tag, algo, _search_program(p), uid=uid, charset=charset)
+
+
+def _qresync(p: _P) -> c.Qresync:
+    """(uidvalidity mod-sequence-value [known-uids [seq-match-data]]) (RFC 7162 §7)."""
+    p.open_paren()
+    uidvalidity = p.number(nz=True)
+    p.sp()
+    modseq = p.number(limit=MAX_MODSEQ)
+    known: c.SeqSet | None = None
+    match: tuple[c.SeqSet, c.SeqSet] | None = None
+    if p.try_(b" "):
+        known = p.seqset()
+        if any(a is None or b is None for a, b in known.ranges):
+            raise p.fail("known-uids must not contain *")
+        if p.try_(b" "):
+            p.open_paren()
+            seqs = p.seqset()
+            p.sp()
+            uids = p.seqset()
+            p.close_paren()
+            if any(a is None or b is None for a, b in seqs.ranges + uids.ranges):
+                raise p.fail("seq-match-data must not contain *")
+            if len(_expand(seqs)) != len(_expand(uids)):
+                raise p.fail("seq-match-data sets differ in size")
+            match = (seqs, uids)
+    p.close_paren()
+    return c.Qresync(uidvalidity, modseq, known, match)
 
 
 def _search_string(p: _P) -> str:
@@ -880,9 +1061,109 @@ def _search_key(p: _P) -> c.SearchKey:
     if word == "MODSEQ":  # RFC 7162 §3.1.5
         p.sp()
         if p.peek() == 0x22:
-            p.quoted()
+            entry = p.quoted().decode("utf-8", "replace")
+            if not entry.lower().startswith("/flags/"):
+                raise p.fail("MODSEQ entry name must be /flags/<flag>")
             p.sp()
-            p.atom()
+            kind = p.atom("an entry type").lower()
+            if kind not in ("priv", "shared", "all"):
+                raise p.fail("MODSEQ entry type must be priv, shared or all")
             p.sp()
-        return c.SearchKey("MODSEQ", (p.number(limit=2**63 - 1),))
+        return c.SearchKey("MODSEQ", (p.number(limit=MAX_MODSEQ),))
+    if word == "SAVEDBEFORE" or word == "SAVEDON" or word == "SAVEDSINCE":  # RFC 8514
+        p.sp()
+        return c.SearchKey(word, (p.date().date(),))
+    if word == "SAVEDATESUPPORTED":
+        return c.SearchKey("ALL")
+    if word in ("EMAILID", "THREADID"):  # RFC 8474 §5
+        p.sp()
+        return c.SearchKey(word, (p.atom("an object id"),))
     raise p.fail(f"unknown search key {word[:40]}")
+
+
+_NOTIFY_FILTERS = frozenset({"SELECTED", "SELECTED-DELAYED", "INBOXES", "PERSONAL", "SUBSCRIBED",
+                             "SUBTREE", "MAILBOXES"})
+
+
+def _notify(p: _P) -> c.Notify:
+    """NOTIFY NONE | NOTIFY SET [STATUS] event-group... (RFC 5465 §8)."""
+    p.sp()
+    if p.try_ci(b"NONE"):
+        return c.Notify(p.tag, None)
+    if not p.try_ci(b"SET"):
+        raise p.fail("expected NONE or SET")
+    p.sp()
+    status = p.try_ci(b"STATUS ")
+    groups: list[c.NotifyGroup] = []
+    while True:
+        p.open_paren()
+        filt = p.atom("a mailbox filter").upper()
+        if filt not in _NOTIFY_FILTERS:
+            raise p.fail(f"unknown NOTIFY filter {filt[:40]}")
+        boxes: list[str] = []
+        if filt in ("SUBTREE", "MAILBOXES"):
+            p.sp()
+            if p.peek() == 0x28:
+                p.open_paren()
+                while True:
+                    boxes.append(p.mailbox())
+                    if p.try_(b")"):
+                        break
+                    p.sp()
+                p.depth -= 1
+            else:
+                boxes.append(p.mailbox())
+        p.sp()
+        events: list[str] = []
+        if not p.try_ci(b"NONE"):
+            p.open_paren()
+            while True:
+                ev = p.atom("an event").upper()
+                events.append(ev)
+                if ev == "MESSAGENEW" and p.try_(b" ("):  # fetch attributes: we send none
+                    depth = 1
+                    while depth:
+                        ch = p.peek()
+                        if ch < 0:
+                            raise p.fail("unterminated MessageNew attributes")
+                        depth += (ch == 0x28) - (ch == 0x29)
+                        p.pos += 1
+                if p.try_(b")"):
+                    break
+                p.sp()
+            p.depth -= 1
+        p.close_paren()
+        groups.append(c.NotifyGroup(filt, tuple(boxes), tuple(events)))
+        if p.at_end():
+            break
+        p.sp()
+    return c.Notify(p.tag, tuple(groups), status)
+
+
+def _setquota(p: _P) -> c.SetQuota:
+    """SETQUOTA root (resource limit ...) (RFC 9208 §4.1.3)."""
+    p.sp()
+    root = p.astring()
+    p.sp()
+    p.open_paren()
+    limits: list[tuple[str, int]] = []
+    while not p.try_(b")"):
+        if limits:
+            p.sp()
+        res = p.atom("a resource name").upper()
+        p.sp()
+        limits.append((res, p.number(limit=2**63 - 1)))
+    p.depth -= 1
+    return c.SetQuota(p.tag, root, tuple(limits))
+
+
+def _expand(s: c.SeqSet, cap: int = 100_000) -> list[int]:
+    """The numbers of a set without ``*``, in the client's order (seq-match-data), capped."""
+    out: list[int] = []
+    for a, b in s.ranges:
+        assert a is not None and b is not None
+        step = 1 if b >= a else -1
+        out.extend(range(a, b + step, step))
+        if len(out) > cap:
+            raise _SyntaxError("seq-match-data too long")
+    return out

@@ -85,6 +85,12 @@ class Receiver:
         self._skip_line = False
         return dropped
 
+    def take_buffered(self) -> bytes:
+        """Everything buffered, removed (COMPRESS: bytes after the command are compressed)."""
+        data = bytes(self._buf)
+        self.reset()
+        return data
+
     def read_line(self) -> bytes | None:
         """A raw line (AUTHENTICATE responses, IDLE's DONE) without its CRLF, or None for more data.
         Over-long lines are cut at the cap (the caller then sees garbage and answers BAD)."""

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from postfach.imap.commands import SeqSet
-from postfach.imap.responses import flag_list
+from postfach.imap.responses import flag_list, uid_set
 from postfach.store.base import MailboxChanges, MessageMeta
 from postfach.types import MailboxId, ModSeq, SeqNum, Uid, UidValidity
 
@@ -60,6 +60,10 @@ class SelectedMailbox:
             self.uids = [m.uid for m in messages]
             self.metas = {m.uid: m for m in messages}
         self.pending_expunge: set[Uid] = set()
+        # RFC 7162: after a CONDSTORE enabling command flag FETCHes carry MODSEQ (§3.1.4.2);
+        # after ENABLE QRESYNC expunges are told as VANISHED <uids> (§3.2.10).
+        self.condstore = False
+        self.qresync = False
         # \Recent (IMAP4rev1 only): the UIDs this session was first to see (store.claim_recent).
         self.recent: set[Uid] = recent or set()
 
@@ -148,8 +152,11 @@ class SelectedMailbox:
         if not seqs:
             self.pending_expunge.clear()
             return []
-        # RFC 9051 §7.5.1: each EXPUNGE renumbers the following messages at once.
-        lines = [b"* %d EXPUNGE\r\n" % (s + 1 - k) for k, s in enumerate(seqs)]
+        if self.qresync:
+            lines = [b"* VANISHED " + uid_set(self.uids[s] for s in seqs).encode() + b"\r\n"]
+        else:
+            # RFC 9051 §7.5.1: each EXPUNGE renumbers the following messages at once.
+            lines = [b"* %d EXPUNGE\r\n" % (s + 1 - k) for k, s in enumerate(seqs)]
         self._own()
         self.uids = [u for u in self.uids if u not in gone]
         for u in gone:
@@ -188,8 +195,7 @@ class SelectedMailbox:
                 continue
             seq = self.seq_of(uid)
             if seq is not None:
-                lines.append(b"* %d FETCH (UID %d FLAGS %s)\r\n"
-                             % (seq, uid, flag_list(self.flags_of(uid, rev1))))
+                lines.append(self.flags_line(seq, uid, rev1))
         if new:
             new.sort(key=lambda m: m.uid)
             self._own()
@@ -203,6 +209,12 @@ class SelectedMailbox:
         if mb.uidnext > self.uidnext:
             self.uidnext = mb.uidnext
         return Refresh(lines, len(new), [m.uid for m in new])
+
+    def flags_line(self, seq: int, uid: Uid, rev1: bool, with_flags: bool = True) -> bytes:
+        """``* seq FETCH (UID u FLAGS (..) [MODSEQ (m)])`` for a flag change."""
+        mod = b" MODSEQ (%d)" % self.metas[uid].modseq if self.condstore else b""
+        fl = b" FLAGS " + flag_list(self.flags_of(uid, rev1)) if with_flags else b""
+        return b"* %d FETCH (UID %d%s%s)\r\n" % (seq, uid, fl, mod)
 
     def with_flags(self, uid: Uid, flags: frozenset[str]) -> None:
         m = self.metas.get(uid)

@@ -14,8 +14,8 @@ import contextlib
 import enum
 import logging
 import re
-from bisect import bisect_left
-from collections.abc import Awaitable, Callable
+from bisect import bisect_left, bisect_right
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from postfach.errors import (
 )
 from postfach.imap import commands as c
 from postfach.imap import responses as r
+from postfach.imap import sortthread as st
 from postfach.imap.cache import (
     BLOB_CACHE_KEY,
     INFO_CACHE_KEY,
@@ -54,12 +55,15 @@ from postfach.store.base import (
     HIERARCHY_DELIMITER,
     SYSTEM_FLAGS,
     Account,
+    Change,
+    ChangeKind,
     FlagOp,
     Mailbox,
+    MailboxChanges,
     MessageMeta,
     Subscription,
 )
-from postfach.types import AccountId, BlobId, MailboxId, ModSeq, Uid
+from postfach.types import AccountId, BlobId, MailboxId, ModSeq, Uid, UidValidity
 
 log = logging.getLogger("postfach.imap")
 
@@ -75,6 +79,7 @@ PERMANENT_FLAGS = b"(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 BASE_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 MAX_NAME_BYTES = 255
 VIEW_CACHE_KEY = "imap.views"
+SORT_CACHE_KEY = "imap.sort_keys"
 
 
 class Sink(Protocol):
@@ -94,6 +99,7 @@ class Next(enum.Enum):
     IDLE = "idle"  # "+ idling" sent; wait for changes and DONE
     SASL = "sasl"  # a "+ ..." challenge was sent; read one line for sasl_line()
     LOGOUT = "logout"  # close the connection
+    COMPRESS = "compress"  # RFC 4978: send the tagged OK with compress_ready(), then deflate
 
 
 class CommandRefused(Exception):
@@ -196,6 +202,8 @@ class Session:
         self.account: Account | None = None
         self.selected: SelectedMailbox | None = None
         self.rev2 = False
+        self.condstore = False  # RFC 7162 §3.1: a CONDSTORE enabling command was seen
+        self.qresync = False  # ENABLE QRESYNC (RFC 7162 §3.2.3)
         self.bad_commands = 0
         self._account_connections = account_connections
         self._counted = False
@@ -210,10 +218,20 @@ class Session:
             SECTION_CACHE_KEY, section_cache())
         self._search_fields: LruCache[str, tuple[str, ...]] = ctx.services.setdefault(
             SEARCH_CACHE_KEY, search_cache())
+        self._sort_keys: LruCache[str, st.SortKeys] = ctx.services.setdefault(
+            SORT_CACHE_KEY, LruCache(max_items=500_000, max_cost=500_000))
         self._sasl: sasl_mod.Mechanism | None = None
         self._sasl_tag = ""
         self._idle_tag = ""
         self._starttls_tag = ""
+        self._compress_tag = ""
+        self.compressed = False
+        self.utf8 = False  # ENABLE UTF8=ACCEPT (RFC 6855)
+        self._saved: list[Uid] = []  # SEARCHRES "$" (RFC 5182), ascending UIDs
+        self._qr_changes: tuple[ModSeq, MailboxChanges] | None = None
+        self._notify: tuple[c.NotifyGroup, ...] | None = None  # NOTIFY SET (RFC 5465)
+        self._notify_pending: list[Change] = []
+        self._backlog: list[Change] = []  # feed entries taken by wait_change
         self._wbuf = bytearray()
 
     # ------------------------------------------------------------------------------ output helpers
@@ -253,8 +271,13 @@ class Session:
             "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE", "CHILDREN", "SPECIAL-USE",
             "CREATE-SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "STATUS=SIZE",
             f"APPENDLIMIT={self.config.imap.max_append_bytes}", "UNAUTHENTICATE", "MULTIAPPEND",
-            "BINARY", "WITHIN",
+            "BINARY", "WITHIN", "CONDSTORE", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE",
+            "QUOTA=RES-MESSAGE", "SORT", "SORT=DISPLAY", "ESORT", "THREAD=ORDEREDSUBJECT",
+            "THREAD=REFERENCES", "SEARCHRES", "PARTIAL", "OBJECTID", "PREVIEW", "SAVEDATE",
+            "UTF8=ACCEPT", "REPLACE", "NOTIFY",
         ]
+        if not self.compressed:
+            caps.append("COMPRESS=DEFLATE")
         return caps
 
     def greeting(self) -> bytes:
@@ -268,7 +291,17 @@ class Session:
         except ParseError as e:
             await self._bad(e.tag, e.text, None)
             return await self._after_bad()
+        if self.utf8 and not isinstance(cmd, c.Append | c.Replace):
+            # RFC 6855 §3: with UTF8=ACCEPT every string is UTF-8 (message literals aside).
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                await self._bad(cmd.tag, "Malformed UTF-8 in command", None)
+                return await self._after_bad()
         nxt = await self.run(cmd)
+        if self._notify is not None and nxt is Next.CONTINUE:
+            with contextlib.suppress(StoreError):
+                await self._send_notifications()
         await self._flush()
         return nxt
 
@@ -320,7 +353,8 @@ class Session:
     async def _run(self, cmd: c.Command,
                    handler: Callable[[Session, Any], Awaitable[Next | None]]) -> Next:
         try:
-            if isinstance(cmd, c.Fetch | c.Store | c.Search | c.Copy | c.Move | c.Expunge):
+            if isinstance(cmd, c.Fetch | c.Store | c.Search | c.Copy | c.Move | c.Expunge | c.Sort
+                          | c.Thread | c.Replace):
                 # Bring the view up to date first; by sequence number only with changes that do
                 # not renumber (RFC 9051 §7.5.1), so the numbers mean what the client meant.
                 by_uid = isinstance(cmd, c.Expunge) or cmd.uid
@@ -474,7 +508,7 @@ class Session:
         return self.account.id
 
     def _wire_name(self, name: str) -> bytes:
-        return r.mailbox_name(name, self.rev2)
+        return r.mailbox_name(name, self.rev2 or self.utf8)
 
     async def _enable(self, cmd: c.Enable) -> None:
         enabled = []
@@ -482,16 +516,35 @@ class Session:
             if cap == "IMAP4REV2" and not self.rev2:
                 self.rev2 = True
                 enabled.append("IMAP4rev2")
+            elif cap == "UTF8=ACCEPT" and not self.utf8:
+                # RFC 6855 §3: UTF-8 names and strings from now on; malformed UTF-8 is BAD.
+                self.utf8 = True
+                enabled.append("UTF8=ACCEPT")
+            elif cap == "CONDSTORE" and not self.condstore:
+                self._enable_condstore()
+                enabled.append("CONDSTORE")
+            elif cap == "QRESYNC" and not self.qresync:
+                # RFC 7162 §3.2.3: QRESYNC implies CONDSTORE (which is not listed unless asked).
+                self._enable_condstore()
+                self.qresync = True
+                if self.selected is not None:
+                    self.selected.qresync = True
+                enabled.append("QRESYNC")
         # RFC 5161 §3.1: unknown capabilities are ignored (neomutt sends UTF8=ACCEPT regardless).
         await self._send(r.untagged("ENABLED" + "".join(" " + e for e in enabled)))
         await self._ok(cmd.tag, "ENABLE completed")
+
+    def _enable_condstore(self) -> None:
+        self.condstore = True
+        if self.selected is not None:
+            self.selected.condstore = True
 
     async def _unauthenticate(self, cmd: c.Unauthenticate) -> None:
         # RFC 8437 §2
         self._deselect()
         self._logout_account()
         self.state = State.NOT_AUTHENTICATED
-        self.rev2 = False
+        self.rev2 = self.condstore = self.qresync = False
         await self._ok(cmd.tag, "Unauthenticated")
 
     def _logout_account(self) -> None:
@@ -527,12 +580,15 @@ class Session:
         return mb
 
     def _deselect(self) -> None:
+        self._saved = []
         self.selected = None
         self._view = None
         if self.state is State.SELECTED:
             self.state = State.AUTHENTICATED
 
     async def _select(self, cmd: c.Select) -> None:
+        if cmd.qresync is not None and not self.qresync:
+            raise CommandBad("QRESYNC is not enabled (RFC 7162 §3.2.5)")
         if self.selected is not None:
             # RFC 9051 §6.3.2: the previous mailbox is closed (no expunge) and CLOSED is sent.
             self._deselect()
@@ -545,7 +601,7 @@ class Session:
         known = self._mailbox_ids.get(cmd.mailbox)
         if known is not None and (cached := views.get(known)) is not None:
             try:
-                mb = await self._catch_up(cached, known)
+                mb = await self._catch_up(cached, known, cmd.qresync)
                 view = cached
             except NotFound:
                 mb = None
@@ -555,7 +611,7 @@ class Session:
             mb = await self._mailbox(cmd.mailbox)
             view = views.get(mb.id)
             if view is not None and view.uidvalidity == mb.uidvalidity:
-                mb = await self._catch_up(view, mb.id)
+                mb = await self._catch_up(view, mb.id, cmd.qresync)
             else:
                 view = None
         self._mailbox_ids[cmd.mailbox] = mb.id
@@ -591,8 +647,13 @@ class Session:
                 await self._send(b"* OK [UNSEEN %d] First unseen\r\n" % first_unseen)
         await self._send(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % sel.uidvalidity)
         await self._send(b"* OK [UIDNEXT %d] Predicted next UID\r\n" % sel.uidnext)
-        if cmd.condstore:
+        if cmd.condstore or cmd.qresync is not None:
+            self._enable_condstore()
+        sel.condstore = self.condstore
+        sel.qresync = self.qresync
+        if self.condstore:
             await self._send(b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % sel.modseq)
+        await self._send(untagged_ok("Ok", f"MAILBOXID ({mailbox_id(mb.id, mb.uidvalidity)})"))
         if self.rev2:
             # RFC 9051 §6.3.2: the LIST response tells the canonical name.
             await self._send(b"* LIST () \"/\" " + self._wire_name(mb.name) + b"\r\n")
@@ -600,15 +661,25 @@ class Session:
         self._view = view
         self.state = State.SELECTED
         self._dirty = False
+        if cmd.qresync is not None and cmd.qresync.uidvalidity == sel.uidvalidity:
+            await self._resync(sel, cmd.qresync)
         mode = "READ-ONLY" if cmd.readonly else "READ-WRITE"
         await self._ok(cmd.tag, f"{'EXAMINE' if cmd.readonly else 'SELECT'} completed", mode)
 
-    async def _catch_up(self, view: MailboxView, mailbox_id: MailboxId) -> Mailbox:
+    async def _catch_up(self, view: MailboxView, mailbox_id: MailboxId,
+                        q: c.Qresync | None = None) -> Mailbox:
+        """Bring the shared view up to date. For a QRESYNC SELECT one read serves both: the
+        changes since the client's older modseq also bring the view up to date (kept for
+        _resync in ``_qr_changes``)."""
+        self._qr_changes = None
         while True:
             since = view.modseq
-            changes = await self.store.mailbox_changes(self.account_id, mailbox_id, since)
+            ask = min(since, ModSeq(q.modseq)) if q is not None and q.uidvalidity == view.uidvalidity else since
+            changes = await self.store.mailbox_changes(self.account_id, mailbox_id, ask)
             if view.modseq == since:  # nobody applied a newer state meanwhile
                 view.apply(changes)
+                if ask != since:
+                    self._qr_changes = (ask, changes)
                 return changes.mailbox
 
     async def _create(self, cmd: c.Create) -> None:
@@ -642,10 +713,11 @@ class Session:
                 with contextlib.suppress(AlreadyExists):
                     await self.store.create_mailbox(self.account_id, parent)
         try:
-            await self.store.create_mailbox(self.account_id, name, use)
+            made = await self.store.create_mailbox(self.account_id, name, use)
         except AlreadyExists:
             raise CommandRefused("Mailbox already exists", "ALREADYEXISTS") from None
-        await self._ok(cmd.tag, "CREATE completed")
+        # RFC 8474 §4.1: CREATE tells the new MAILBOXID.
+        await self._ok(cmd.tag, "CREATE completed", f"MAILBOXID ({mailbox_id(made.id, made.uidvalidity)})")
 
     async def _delete(self, cmd: c.Delete) -> None:
         if cmd.mailbox == "INBOX":
@@ -808,6 +880,9 @@ class Session:
                     v = st.mailbox.highestmodseq
                 case "APPENDLIMIT":
                     v = self.config.imap.max_append_bytes
+                case "MAILBOXID":
+                    vals.append(f"MAILBOXID ({mailbox_id(mb.id, mb.uidvalidity)})")
+                    continue
                 case _:
                     continue
             vals.append(f"{item} {v}")
@@ -815,6 +890,8 @@ class Session:
 
     async def _status(self, cmd: c.Status) -> None:
         mb = await self._mailbox(cmd.mailbox)
+        if "HIGHESTMODSEQ" in cmd.items:
+            self._enable_condstore()  # RFC 7162 §3.1
         await self._send(await self._status_line(mb, cmd.items))
         await self._ok(cmd.tag, "STATUS completed")
 
@@ -841,6 +918,21 @@ class Session:
         uids = r.uid_set(x.uid for x in res)
         await self._ok(cmd.tag, "APPEND completed", f"APPENDUID {res[0].uidvalidity} {uids}")
 
+    async def _compress(self, cmd: c.Compress) -> Next:
+        # RFC 4978 §3: one mechanism, DEFLATE; a second COMPRESS is refused.
+        if self.compressed:
+            raise CommandRefused("Compression is already active", "COMPRESSIONACTIVE")
+        if cmd.mechanism != "DEFLATE":
+            raise CommandBad("Unknown compression mechanism")
+        self._compress_tag = cmd.tag
+        return Next.COMPRESS
+
+    async def compress_ready(self) -> None:
+        """The driver stopped reading; the OK goes out uncompressed, all after it deflated."""
+        await self._ok(self._compress_tag, "DEFLATE active")
+        await self._flush()
+        self.compressed = True
+
     async def _idle(self, cmd: c.Idle) -> Next:
         self._idle_tag = cmd.tag
         await self._refresh(allow_expunge=True, force=True)
@@ -853,19 +945,134 @@ class Session:
         if self._sub is None:
             await _forever()
             return
-        await self._sub.get()
+        self._backlog.append(await self._sub.get())
         self._dirty = True
 
     async def idle_update(self) -> Next:
         """The change feed spoke during IDLE: send what changed (RFC 2177)."""
         try:
             await self._refresh(allow_expunge=True)
+            await self._send_notifications()
         except MailboxGone:
             return Next.LOGOUT
         except StoreError:
             log.exception("refresh during IDLE failed")
         await self._flush()
         return Next.IDLE
+
+    # ------------------------------------------------------------------------ NOTIFY (RFC 5465)
+    @property
+    def notify_active(self) -> bool:
+        return self._notify is not None
+
+    def _selected_group(self) -> c.NotifyGroup | None:
+        for g in self._notify or ():
+            if g.filter in ("SELECTED", "SELECTED-DELAYED"):
+                return g
+        return None
+
+    def _group_for(self, mb: Mailbox) -> c.NotifyGroup | None:
+        """The first event group whose filter takes this (not selected) mailbox (§6)."""
+        for g in self._notify or ():
+            f = g.filter
+            if (f == "PERSONAL" or (f == "INBOXES" and mb.name == "INBOX")
+                    or (f == "SUBSCRIBED" and mb.subscribed)
+                    or (f == "MAILBOXES" and mb.name in g.mailboxes)
+                    or (f == "SUBTREE" and any(mb.name == t or mb.name.startswith(t + HIERARCHY_DELIMITER)
+                                               for t in g.mailboxes))):
+                return g
+        return None
+
+    async def notify_update(self) -> Next:
+        """The change feed spoke while the client was not in a command (NOTIFY is on): tell
+        the selected mailbox's changes (if asked) and the other mailboxes' STATUS/LIST."""
+        try:
+            g = self._selected_group()
+            if self.selected is not None and g is not None and g.events:
+                await self._refresh(allow_expunge=g.filter == "SELECTED")
+            else:
+                self._drain_feed()
+            await self._send_notifications()
+        except MailboxGone:
+            return Next.LOGOUT
+        except StoreError:
+            log.exception("NOTIFY update failed")
+        await self._flush()
+        return Next.CONTINUE
+
+    async def _send_notifications(self) -> None:
+        if self._notify is None:
+            self._notify_pending.clear()
+            return
+        self._drain_feed()
+        pending, self._notify_pending = self._notify_pending, []
+        status_for: dict[MailboxId, Mailbox] = {}
+        for ch in pending:
+            if ch.mailbox_id is None:
+                continue
+            if ch.kind in (ChangeKind.MAILBOX_CREATE, ChangeKind.MAILBOX_DELETE, ChangeKind.MAILBOX_RENAME):
+                mb = await self.store.get_mailbox_by_id(self.account_id, ch.mailbox_id)
+                name = mb.name if mb is not None else ch.name
+                if name is None:
+                    continue
+                probe = mb or Mailbox(ch.mailbox_id, self.account_id, name, None, UidValidity(0), Uid(1),
+                                      ModSeq(0), False)
+                g = self._group_for(probe)
+                if g is not None and "MAILBOXNAME" in g.events:
+                    attrs = "\\NonExistent" if mb is None else ""
+                    await self._send(f"* LIST ({attrs}) \"/\" ".encode() + self._wire_name(name) + b"\r\n")
+                continue
+            if self.selected is not None and ch.mailbox_id == self.selected.mailbox_id:
+                continue
+            want = {ChangeKind.APPEND: "MESSAGENEW", ChangeKind.EXPUNGE: "MESSAGEEXPUNGE",
+                    ChangeKind.FLAGS: "FLAGCHANGE"}.get(ch.kind)
+            if want is None or ch.mailbox_id in status_for:
+                continue
+            mb = await self.store.get_mailbox_by_id(self.account_id, ch.mailbox_id)
+            if mb is None:
+                continue
+            g = self._group_for(mb)
+            if g is not None and want in g.events:
+                status_for[mb.id] = mb
+        for mb in status_for.values():
+            # §5.2: STATUS with what changed: MESSAGES, UIDNEXT, and UNSEEN for flag changes.
+            await self._send(await self._status_line(mb, ("MESSAGES", "UIDNEXT", "UNSEEN")))
+
+    async def _notify_cmd(self, cmd: c.Notify) -> None:
+        if cmd.groups is None:
+            self._notify = None
+            self._notify_pending.clear()
+            await self._ok(cmd.tag, "NOTIFY completed")
+            return
+        supported = {"MESSAGENEW", "MESSAGEEXPUNGE", "FLAGCHANGE", "MAILBOXNAME"}
+        sel_groups = 0
+        for g in cmd.groups:
+            bad = [e for e in g.events if e not in supported]
+            if bad:
+                raise CommandRefused("Unsupported event", "BADEVENT (MessageNew MessageExpunge FlagChange "
+                                     "MailboxName)")
+            ev = set(g.events)
+            if ("MESSAGENEW" in ev) != ("MESSAGEEXPUNGE" in ev) or ("FLAGCHANGE" in ev and "MESSAGENEW" not in ev):
+                # RFC 5465 §5: MessageNew and MessageExpunge go together; FlagChange needs both.
+                raise CommandBad("MessageNew and MessageExpunge go together; FlagChange needs them")
+            if g.filter in ("SELECTED", "SELECTED-DELAYED"):
+                sel_groups += 1
+            for name in g.mailboxes:
+                if await self.store.get_mailbox(self.account_id, name) is None:
+                    raise CommandRefused(f"No such mailbox: {name}", "NONEXISTENT")
+        if sel_groups > 1:
+            raise CommandBad("SELECTED given twice")
+        self._notify = cmd.groups
+        self._notify_pending.clear()
+        if cmd.status:
+            # §3.1 STATUS: the current state of every mailbox the message events cover.
+            for mb in await self.store.list_mailboxes(self.account_id):
+                if self.selected is not None and mb.id == self.selected.mailbox_id:
+                    continue
+                grp = self._group_for(mb)
+                if grp is not None and "MESSAGENEW" in grp.events:
+                    await self._send(await self._status_line(mb, ("MESSAGES", "UIDNEXT", "UNSEEN")))
+        await self._ok(cmd.tag, "NOTIFY completed")
 
     async def idle_done(self, line: bytes) -> Next:
         """The client's line ending IDLE (RFC 2177 §3: DONE)."""
@@ -883,18 +1090,22 @@ class Session:
     # ------------------------------------------------------------------------------- refresh
     def _drain_feed(self) -> None:
         sub = self._sub
-        if sub is None or self.selected is None:
+        if sub is None:
             return
-        mid = self.selected.mailbox_id
-        while True:
-            ch = sub.get_nowait()
-            if ch is None:
-                return
-            if ch.mailbox_id is None or ch.mailbox_id == mid:
+        backlog, self._backlog = self._backlog, []
+        while (ch := sub.get_nowait()) is not None:
+            backlog.append(ch)
+        mid = self.selected.mailbox_id if self.selected is not None else None
+        for ch in backlog:
+            if mid is not None and (ch.mailbox_id is None or ch.mailbox_id == mid):
                 self._dirty = True
+            if self._notify is not None:
+                self._notify_pending.append(ch)
 
     async def _refresh(self, *, allow_expunge: bool, force: bool = False,
                        silent: frozenset[Uid] = frozenset()) -> None:
+        if self._notify is not None:
+            await self._send_notifications()
         sel = self.selected
         if sel is None:
             return
@@ -925,6 +1136,133 @@ class Session:
         if res.new and not self.rev2:
             await self._send(b"* %d RECENT\r\n" % sel.recent_count())
 
+    # ------------------------------------------------------------------------ QRESYNC (RFC 7162)
+    async def _history_complete(self, mailbox_id: MailboxId, since: ModSeq) -> bool:
+        """Whether the store still has every expunge after ``since``. A store that trims its
+        expunge history (config.imap.expunge_history_days) says up to which modseq it dropped
+        records with the optional ``expunge_history_floor(account, mailbox) -> ModSeq``; one
+        without it never trims."""
+        floor = getattr(self.store, "expunge_history_floor", None)
+        if floor is None:
+            return True
+        return since >= int(await floor(self.account_id, mailbox_id))
+
+    async def _vanished_since(self, sel: SelectedMailbox, since: ModSeq,
+                              ranges: list[tuple[int, int]], after_uid: int = 0,
+                              changes: MailboxChanges | None = None) -> str:
+        """The uid-set of messages in ``ranges`` expunged after ``since`` (VANISHED (EARLIER)).
+        With trimmed history: every UID of the ranges below UIDNEXT that is not in the mailbox
+        (RFC 7162 §3.2.5.1 lets us name UIDs the client never saw, never ones that exist)."""
+        if await self._history_complete(sel.mailbox_id, since):
+            if changes is None:
+                changes = await self.store.mailbox_changes(self.account_id, sel.mailbox_id, since)
+            los = [a for a, _ in ranges]
+            gone = []
+            for u in changes.expunged:
+                if u <= after_uid or u in sel.metas:
+                    continue
+                i = bisect_right(los, u) - 1
+                if i >= 0 and u <= ranges[i][1]:
+                    gone.append(u)
+            return r.uid_set(gone)
+        top = int(sel.uidnext) - 1
+        uids = sel.uids
+        out: list[tuple[int, int]] = []
+        for lo, hi in ranges:
+            lo, hi = max(lo, after_uid + 1), min(hi, top)
+            if lo > hi:
+                continue
+            i = bisect_left(uids, lo)
+            cur = lo
+            while i < len(uids) and uids[i] <= hi:
+                if uids[i] > cur:
+                    out.append((cur, uids[i] - 1))
+                cur = uids[i] + 1
+                i += 1
+            if cur <= hi:
+                out.append((cur, hi))
+        return _ranges_text(out)
+
+    async def _resync(self, sel: SelectedMailbox, q: c.Qresync) -> None:
+        """SELECT/EXAMINE (QRESYNC ...) with a matching UIDVALIDITY (RFC 7162 §3.2.5): what
+        vanished since the client's modseq, then FETCH (UID FLAGS MODSEQ) of what changed."""
+        since = ModSeq(q.modseq)
+        top = max(int(sel.uidnext) - 1, 0)
+        ranges = _ranges(q.known_uids, top) if q.known_uids is not None else [(1, top)]
+        after = 0
+        if q.seq_match is not None:
+            # §3.2.5.2: pairs that still match tell us the client knows every expunge up to them.
+            seqs, muids = (_expand(x) for x in q.seq_match)
+            for sq, u in zip(seqs, muids, strict=False):
+                if 1 <= sq <= sel.exists and sel.uids[sq - 1] == u:
+                    after = u
+                else:
+                    break
+        changes: MailboxChanges | None = None
+        if since < sel.modseq:
+            kept = self._qr_changes
+            if (kept is not None and kept[0] == since and kept[1].mailbox.id == sel.mailbox_id
+                    and kept[1].mailbox.uidvalidity == sel.uidvalidity
+                    and kept[1].mailbox.highestmodseq >= sel.modseq):
+                changes = kept[1]  # read by _catch_up already
+            else:
+                changes = await self.store.mailbox_changes(self.account_id, sel.mailbox_id, since)
+        self._qr_changes = None
+        if changes is not None or not await self._history_complete(sel.mailbox_id, since):
+            gone = await self._vanished_since(sel, since, ranges, after, changes)
+            if gone:
+                await self._send(b"* VANISHED (EARLIER) " + gone.encode() + b"\r\n")
+        if changes is None:
+            return
+        los = [a for a, _ in ranges]
+        rev1 = not self.rev2
+        out: list[bytes] = []
+        for m in changes.changed:
+            meta = sel.metas.get(m.uid)
+            if meta is None or meta.modseq <= since:
+                continue  # not in this view yet (a later refresh tells), or not newer
+            i = bisect_right(los, m.uid) - 1
+            if i < 0 or m.uid > ranges[i][1]:
+                continue
+            seq = sel.seq_of(m.uid)
+            if seq is not None:
+                out.append(sel.flags_line(seq, m.uid, rev1))
+        for line in out:
+            await self._send(line)
+
+    # ------------------------------------------------------------------------- QUOTA (RFC 9208)
+    async def _quota_resources(self) -> list[str]:
+        acct = await self.store.get_account_by_id(self.account_id) or self.account
+        assert acct is not None
+        out = []
+        if acct.quota_bytes is not None:
+            # §5.1.1: STORAGE is in units of 1024 octets.
+            out.append(f"STORAGE {acct.used_bytes // 1024} {acct.quota_bytes // 1024}")
+        if acct.quota_messages is not None:
+            out.append(f"MESSAGE {acct.used_messages} {acct.quota_messages}")
+        return out
+
+    async def _getquota(self, cmd: c.GetQuota) -> None:
+        res = await self._quota_resources()
+        if cmd.root != "" or not res:
+            raise CommandRefused("No such quota root", "NONEXISTENT")
+        await self._send(b'* QUOTA "" (' + " ".join(res).encode() + b")\r\n")
+        await self._ok(cmd.tag, "GETQUOTA completed")
+
+    async def _getquotaroot(self, cmd: c.GetQuotaRoot) -> None:
+        mb = await self._mailbox(cmd.mailbox)
+        res = await self._quota_resources()
+        # One root, "", for every mailbox of the account (Dovecot's "User quota" in spirit).
+        await self._send(b"* QUOTAROOT " + self._wire_name(mb.name) + (b' ""' if res else b"")
+                         + b"\r\n")
+        if res:
+            await self._send(b'* QUOTA "" (' + " ".join(res).encode() + b")\r\n")
+        await self._ok(cmd.tag, "GETQUOTAROOT completed")
+
+    async def _setquota(self, cmd: c.SetQuota) -> None:
+        # RFC 9208 §4.1.3: users may not set their own limits; the admin CLI does.
+        raise CommandRefused("Quota limits are set by the administrator", "NOPERM")
+
     # ------------------------------------------------------------------------------ selected
     @property
     def sel(self) -> SelectedMailbox:
@@ -932,6 +1270,9 @@ class Session:
         return self.selected
 
     def _resolve(self, seqset: c.SeqSet, uid: bool) -> list[Uid]:
+        if seqset.saved:
+            # RFC 5182 §2.1: "$" is the saved result, minus what was expunged since.
+            return [u for u in self._saved if u in self.sel.metas]
         return self.sel.resolve_uid(seqset) if uid else self.sel.resolve_seq(seqset)
 
     async def _check(self, cmd: c.Check) -> None:
@@ -956,7 +1297,7 @@ class Session:
             raise CommandRefused("Mailbox is read-only", "READ-ONLY")
         uids: list[Uid] | None = None
         if cmd.uids is not None:
-            uids = sel.resolve_uid(cmd.uids)
+            uids = self._resolve(cmd.uids, True)
             if not uids:
                 await self._refresh(allow_expunge=True)
                 await self._ok(cmd.tag, "EXPUNGE completed")
@@ -967,6 +1308,34 @@ class Session:
         self._dirty = True
         await self._refresh(allow_expunge=True)
         await self._ok(cmd.tag, "EXPUNGE completed")
+
+    async def _replace(self, cmd: c.Replace) -> None:
+        """RFC 8508: APPEND the new version, then expunge the old one, in that order."""
+        sel = self.sel
+        if sel.readonly:
+            raise CommandRefused("Mailbox is read-only", "READ-ONLY")
+        found = self._resolve(c.SeqSet(((cmd.target, cmd.target),)), cmd.uid)
+        found = [u for u in found if u not in sel.pending_expunge]
+        if not found:
+            raise CommandRefused("No such message", "NONEXISTENT")
+        old = found[0]
+        dest = await self._target_mailbox(cmd.mailbox)
+        m = cmd.message
+        if len(m.data) > self.config.imap.max_append_bytes:
+            raise CommandRefused("Message too large", "TOOBIG")
+        if not m.data:
+            raise CommandRefused("Cannot store an empty message", "CANNOT")
+        flags = frozenset(f for f in m.flags if f != "\\Recent")
+        if any(f.startswith("\\") and f not in SYSTEM_FLAGS for f in flags):
+            raise CommandBad("Unknown system flag")
+        res = await self.store.append(self.account_id, dest.id, m.data, flags, m.internaldate)
+        await self.store.delete_messages(self.account_id, sel.mailbox_id, [old])
+        await self._send(untagged_ok("Replacement message added", f"APPENDUID {res.uidvalidity} {res.uid}"))
+        for line in sel.remove_now([old]):
+            await self._send(line)
+        self._dirty = True
+        await self._refresh(allow_expunge=True)
+        await self._ok(cmd.tag, "REPLACE completed")
 
     async def _copy(self, cmd: c.Copy) -> None:
         await self._copy_or_move(cmd.tag, cmd.seqset, cmd.mailbox, cmd.uid, move=False)
@@ -1019,26 +1388,44 @@ class Session:
             raise CommandBad("Unknown system flag")
         uids = [u for u in uids if u not in sel.pending_expunge]
         op = {"+": FlagOp.ADD, "-": FlagOp.REMOVE, "": FlagOp.REPLACE}[cmd.op]
+        if cmd.unchangedsince is not None:
+            self._enable_condstore()
         silent: frozenset[Uid] = frozenset()
+        modified: list[Uid] = []
         if uids:
             res = await self.store.store_flags(self.account_id, sel.mailbox_id, uids, op, cmd.flags,
                                                None if cmd.unchangedsince is None
                                                else ModSeq(cmd.unchangedsince))
             sel.update_metas(res.updated)
             sel.update_metas(res.unchanged)
-            touched = sorted({m.uid for m in res.updated} | {m.uid for m in res.unchanged})
-            if not cmd.silent:
-                rev1 = not self.rev2
-                for u in touched:
-                    seq = sel.seq_of(u)
-                    if seq is None:
-                        continue
-                    uid_part = b"UID %d " % u if cmd.uid else b""
-                    await self._send(b"* %d FETCH (%sFLAGS %s)\r\n"
-                                     % (seq, uid_part, r.flag_list(sel.flags_of(u, rev1))))
+            modified = sorted(res.modified)
+            updated = {m.uid for m in res.updated}
+            touched = sorted(updated | {m.uid for m in res.unchanged})
+            rev1 = not self.rev2
+            for u in touched:
+                seq = sel.seq_of(u)
+                if seq is None:
+                    continue
+                uid_part = b"UID %d " % u if cmd.uid else b""
+                # RFC 7162 §3.1.3: with CONDSTORE on, a changed message is told with its MODSEQ
+                # even for .SILENT.
+                mod = b"MODSEQ (%d)" % sel.metas[u].modseq if self.condstore else b""
+                if not cmd.silent:
+                    await self._send(b"* %d FETCH (%sFLAGS %s%s)\r\n"
+                                     % (seq, uid_part, r.flag_list(sel.flags_of(u, rev1)),
+                                        b" " + mod if mod else b""))
+                elif mod and u in updated:
+                    await self._send(b"* %d FETCH (%s%s)\r\n" % (seq, uid_part, mod))
             silent = frozenset(touched)
         self._dirty = True
         await self._refresh(allow_expunge=cmd.uid, silent=silent)
+        if modified:
+            if cmd.uid:
+                nums = r.uid_set(modified)
+            else:
+                nums = r.uid_set(s for u in modified if (s := sel.seq_of(u)) is not None)
+            await self._ok(cmd.tag, "Conditional STORE failed", f"MODIFIED {nums}")
+            return
         await self._ok(cmd.tag, "STORE completed")
 
     # ------------------------------------------------------------------------------- messages
@@ -1068,8 +1455,16 @@ class Session:
         uids = self._resolve(cmd.seqset, cmd.uid)
         items = cmd.items
         self._spec_keys.clear()
+        if cmd.vanished and not self.qresync:
+            raise CommandBad("VANISHED needs ENABLE QRESYNC (RFC 7162 §3.2.6)")
+        if cmd.changedsince is not None or any(i.name == "MODSEQ" for i in items):
+            self._enable_condstore()
         if cmd.changedsince is not None:
             since = cmd.changedsince
+            if cmd.vanished:
+                gone = await self._vanished_since(sel, ModSeq(since), _ranges(cmd.seqset, sel.uidnext - 1))
+                if gone:
+                    await self._send(b"* VANISHED (EARLIER) " + gone.encode() + b"\r\n")
             uids = [u for u in uids if u in sel.metas and sel.metas[u].modseq > since]
         sets_seen = not sel.readonly and any(
             (i.name in ("BODY[]", "BINARY") and not i.peek) or i.name in ("RFC822", "RFC822.TEXT")
@@ -1085,8 +1480,7 @@ class Session:
                 seen_now = {m.uid for m in res.updated}
         add_flags = bool(seen_now) and not any(i.name == "FLAGS" for i in items)
         needs_info = any(_att_needs_info(i) for i in items)
-        needs_data = any(i.name in ("BODY[]", "BINARY", "BINARY.SIZE", "RFC822", "RFC822.HEADER",
-                                    "RFC822.TEXT") for i in items)
+        needs_data = any(_needs_data(i) for i in items)
         simple = not needs_info and not needs_data
         rev1 = not self.rev2
         missing = False
@@ -1139,7 +1533,7 @@ class Session:
         if name == "SAVEDATE":
             return b"SAVEDATE " + (r.internaldate(meta.savedate) if meta.savedate else b"NIL")
         if name == "EMAILID":
-            return b"EMAILID (M" + meta.blob_id[:24].encode() + b")"
+            return b"EMAILID (" + email_id(meta).encode() + b")"
         if name == "THREADID":
             return b"THREADID NIL"
         raise AssertionError(name)
@@ -1295,6 +1689,12 @@ class Session:
             if not _needs_data(att):
                 put(self._simple_att(att, meta, rev1))
                 continue
+            if name == "PREVIEW":
+                assert info is not None
+                if data is None:
+                    data = await self._data(meta)
+                put(b"PREVIEW " + r.quoted(preview_text(data, info)))
+                continue
             label, payload, binary = self._section_answer(att, data, info, meta)
             if payload is None:
                 # whole message, streamed
@@ -1399,13 +1799,120 @@ class Session:
         return label, payload, name == "BINARY" and b"\x00" in payload
 
     # --------------------------------------------------------------------------------- search
-    async def _search(self, cmd: c.Search) -> None:
-        sel = self.sel
-        if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
+    # ---------------------------------------------------------------- SORT / THREAD (RFC 5256)
+    async def _sort_keys_of(self, metas: list[MessageMeta]) -> list[st.SortKeys | None]:
+        """Sort keys per message (None: expunged meanwhile): from the process-wide cache (blobs
+        never change), else from each message's cached MessageInfo, loaded 64 at a time."""
+        cache = self._sort_keys
+        peek = cache.peek
+        keys = [peek(m.blob_id) for m in metas]
+        if None not in keys:
+            return keys
+        missing = list({m.blob_id: m for m, k in zip(metas, keys, strict=True) if k is None}.values())
+        for k in range(0, len(missing), 64):
+            chunk = missing[k : k + 64]
+            got = await asyncio.gather(*(self._info(m) for m in chunk), return_exceptions=True)
+            for m, inf in zip(chunk, got, strict=True):
+                if isinstance(inf, MessageInfo):
+                    cache.put(m.blob_id, st.make_keys(
+                        inf.subject, inf.base_subject, inf.date, inf.from_addr, inf.to_addr,
+                        inf.cc_addr, inf.display_from, inf.display_to, inf.message_id,
+                        inf.in_reply_to, inf.references))
+                elif not isinstance(inf, NotFound):
+                    raise inf
+        return [peek(m.blob_id) for m in metas]
+
+    async def _sort_items(self, matches: list[tuple[int, Uid]]) -> list[st.Item]:
+        all_metas = self.sel.metas
+        metas = [all_metas[u] for _, u in matches]
+        items = []
+        make = st.item
+        for (seq, uid), meta, keys in zip(matches, metas, await self._sort_keys_of(metas), strict=True):
+            if keys is not None:  # else expunged meanwhile
+                items.append(make(seq, uid, meta.size, meta.internaldate.timestamp(), keys))
+        return items
+
+    async def _sort_one(self, matches: list[tuple[int, Uid]], name: str, reverse: bool,
+                        uid: bool) -> list[int]:
+        """One sort criterion (what clients send): keys straight into a list and one stable
+        sort of positions, without an Item per message."""
+        all_metas = self.sel.metas
+        metas = [all_metas[u] for _, u in matches]
+        keys = await self._sort_keys_of(metas)
+        vals: list[Any]
+        if name == "ARRIVAL":
+            vals = [m.internaldate for m in metas]
+        elif name == "SIZE":
+            vals = [m.size for m in metas]
+        elif name == "DATE":
+            vals = [k.date if k is not None and k.date is not None else m.internaldate.timestamp()
+                    for m, k in zip(metas, keys, strict=True)]
+        else:
+            attr = st.KEY_ATTRS[name]
+            vals = [getattr(k, attr) if k is not None else "" for k in keys]
+        order = sorted(range(len(vals)), key=vals.__getitem__, reverse=reverse)
+        col = 1 if uid else 0
+        return [matches[i][col] for i in order if keys[i] is not None]
+
+    async def _sort(self, cmd: c.Sort) -> None:
+        if cmd.charset not in ("UTF-8", "US-ASCII"):
             raise CommandRefused("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
-        if _uses(cmd.key, "SAVED"):
-            raise CommandBad("Search result variable ($) is not supported")
-        needs = _search_needs(cmd.key)
+        matches = await self._search_matches(self._bind_saved(cmd.key))
+        values: list[int]
+        if len(cmd.criteria) == 1:
+            values = await self._sort_one(matches, cmd.criteria[0][0], cmd.criteria[0][1], cmd.uid)
+        else:
+            ordered = st.sort_order(await self._sort_items(matches), cmd.criteria)
+            values = [it.uid if cmd.uid else it.seq for it in ordered]
+        if cmd.return_opts is None:
+            await self._send(b"* SORT" + b"".join(b" %d" % v for v in values) + b"\r\n")
+        else:
+            # RFC 5267 §3.2 ESORT: MIN/MAX are the first/last in sort order; ALL keeps the order.
+            opts = cmd.return_opts or ("ALL",)
+            out = f'* ESEARCH (TAG "{cmd.tag}")' + (" UID" if cmd.uid else "")
+            if "MIN" in opts and values:
+                out += f" MIN {values[0]}"
+            if "MAX" in opts and values:
+                out += f" MAX {values[-1]}"
+            if "ALL" in opts and values:
+                out += f" ALL {_ordered_set(values)}"
+            if "COUNT" in opts:
+                out += f" COUNT {len(values)}"
+            if "PARTIAL" in opts and cmd.partial is not None:
+                out += " PARTIAL " + _partial(values, cmd.partial, ordered=True)
+            await self._send(out.encode() + b"\r\n")
+        await self._refresh(allow_expunge=cmd.uid)
+        await self._ok(cmd.tag, "SORT completed")
+
+    async def _thread(self, cmd: c.Thread) -> None:
+        if cmd.charset not in ("UTF-8", "US-ASCII"):
+            raise CommandRefused("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        if cmd.algorithm not in ("ORDEREDSUBJECT", "REFERENCES"):
+            raise CommandBad("Unknown threading algorithm")
+        items = await self._sort_items(await self._search_matches(self._bind_saved(cmd.key)))
+        algo = st.thread_references if cmd.algorithm == "REFERENCES" else st.thread_orderedsubject
+        roots = algo(items)
+        text = st.format_threads(roots, cmd.uid)
+        await self._send(b"* THREAD " + text.encode() + b"\r\n" if text else b"* THREAD\r\n")
+        await self._refresh(allow_expunge=cmd.uid)
+        await self._ok(cmd.tag, "THREAD completed")
+
+    def _bind_saved(self, key: c.SearchKey) -> c.SearchKey:
+        """``$`` (RFC 5182) in a search program: the saved UIDs."""
+        if key.op == "SAVED" or (key.op in ("SEQ", "UID") and isinstance(key.args[0], c.SeqSet)
+                                 and key.args[0].saved):
+            return c.SearchKey("UIDIN", (frozenset(self._saved),))
+        if any(isinstance(a, c.SearchKey) for a in key.args):
+            return c.SearchKey(key.op, tuple(self._bind_saved(a) if isinstance(a, c.SearchKey) else a
+                                             for a in key.args))
+        return key
+
+    async def _search_matches(self, key: c.SearchKey) -> list[tuple[int, Uid]]:
+        """(seq, uid) of the selected messages matching ``key``, ascending."""
+        sel = self.sel
+        if key.op == "ALL":
+            return [(i, u) for i, u in enumerate(sel.uids, 1)]
+        needs = _search_needs(key)
         now = datetime.now(UTC)
         matches: list[tuple[int, Uid]] = []
         rev1 = not self.rev2
@@ -1421,7 +1928,6 @@ class Session:
                         cache.put(m.blob_id, _search_fields(inf))
                     elif not isinstance(inf, NotFound):
                         raise inf
-        key = cmd.key
         fast = needs == 1 and key.op == "HEADER" and str(key.args[0]).lower() in _FIELD_INDEX
         if fast:
             # The common client search (SUBJECT/FROM/TO/CC/BCC "text"): one tight loop.
@@ -1454,14 +1960,43 @@ class Session:
             except NotFound:
                 continue
             ctx = _MatchCtx(i + 1, meta, info, data, sel, rev1, now, fields)
-            if _match(cmd.key, ctx):
+            if _match(key, ctx):
                 matches.append((i + 1, uid))
+        return matches
+
+    async def _search(self, cmd: c.Search) -> None:
+        sel = self.sel
+        if cmd.charset is not None and cmd.charset not in ("UTF-8", "US-ASCII"):
+            raise CommandRefused("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        opts = cmd.return_opts or ("ALL",)
+        key = self._bind_saved(cmd.key)
+        if "SAVE" in opts:
+            self._saved = []  # RFC 5182 §2.1: a failing SEARCH ... RETURN (SAVE) leaves $ empty
+        matches = await self._search_matches(key)
         values = [u for _, u in matches] if cmd.uid else [s for s, _ in matches]
         esearch = cmd.return_opts is not None or self.rev2
-        if not esearch:
-            await self._send(b"* SEARCH" + b"".join(b" %d" % v for v in values) + b"\r\n")
+        if "SAVE" in opts:
+            # §2.4: with MIN and/or MAX, only those are saved.
+            uids = [u for _, u in matches]
+            if ("MIN" in opts or "MAX" in opts) and not ({"ALL", "COUNT"} & set(opts)):
+                uids = sorted({x for x in (uids[:1] if "MIN" in opts else [])
+                               + (uids[-1:] if "MAX" in opts else [])})
+            self._saved = uids
+            if set(opts) <= {"SAVE"}:
+                esearch = False  # §2.1: SAVE alone gives no ESEARCH response
+                values = []
+        # RFC 7162 §3.1.5: a MODSEQ search answers with the highest mod-sequence of the matches.
+        modseq = b""
+        if _uses(cmd.key, "MODSEQ"):
+            self._enable_condstore()
+            if matches:
+                modseq = b"%d" % max(sel.metas[u].modseq for _, u in matches)
+        if cmd.return_opts is not None and set(opts) <= {"SAVE"}:
+            pass
+        elif not esearch:
+            await self._send(b"* SEARCH" + b"".join(b" %d" % v for v in values)
+                             + (b" (MODSEQ " + modseq + b")" if modseq else b"") + b"\r\n")
         else:
-            opts = cmd.return_opts or ("ALL",)
             out = f'* ESEARCH (TAG "{cmd.tag}")'
             if cmd.uid:
                 out += " UID"
@@ -1473,6 +2008,10 @@ class Session:
                 out += f" ALL {r.uid_set(values)}"
             if "COUNT" in opts:
                 out += f" COUNT {len(values)}"
+            if "PARTIAL" in opts and cmd.partial is not None:
+                out += " PARTIAL " + _partial(values, cmd.partial, ordered=False)
+            if modseq:
+                out += " MODSEQ " + modseq.decode()
             await self._send(out.encode() + b"\r\n")
         await self._refresh(allow_expunge=cmd.uid)
         await self._ok(cmd.tag, "SEARCH completed")
@@ -1499,6 +2038,8 @@ _HANDLERS: dict[type[c.Command], Callable[[Session, Any], Awaitable[Next | None]
     c.Status: Session._status,
     c.Append: Session._append,
     c.Idle: Session._idle,
+    c.Compress: Session._compress,
+    c.Notify: Session._notify_cmd,
     c.Unauthenticate: Session._unauthenticate,
     c.Check: Session._check,
     c.Close: Session._close,
@@ -1509,7 +2050,66 @@ _HANDLERS: dict[type[c.Command], Callable[[Session, Any], Awaitable[Next | None]
     c.Store: Session._store,
     c.Copy: Session._copy,
     c.Move: Session._move,
+    c.Replace: Session._replace,
+    c.Sort: Session._sort,
+    c.Thread: Session._thread,
+    c.GetQuota: Session._getquota,
+    c.GetQuotaRoot: Session._getquotaroot,
+    c.SetQuota: Session._setquota,
 }
+
+
+def _ranges(seqset: c.SeqSet, largest: int) -> list[tuple[int, int]]:
+    """A UID set as sorted, merged (lo, hi) ranges (``*`` = ``largest``)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(seqset.bounds(largest)):
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _ranges_text(ranges: list[tuple[int, int]]) -> str:
+    return ",".join(str(a) if a == b else f"{a}:{b}" for a, b in ranges)
+
+
+def _expand(s: c.SeqSet) -> list[int]:
+    out: list[int] = []
+    for a, b in s.ranges:
+        if a is None or b is None:
+            continue
+        step = 1 if b >= a else -1
+        out.extend(range(a, b + step, step))
+    return out
+
+
+def _ordered_set(values: Sequence[int]) -> str:
+    """Numbers in a given order; only ascending consecutive runs become ranges (RFC 5267 §3.2)."""
+    out: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else f"{values[i]}:{values[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _partial(values: Sequence[int], rng: tuple[int, int], ordered: bool) -> str:
+    """RFC 9394 §3: ``(lo:hi set)`` of the 1-based positions lo..hi of the result; negative
+    positions count from the end. An empty window gives NIL."""
+    lo, hi = rng
+    if lo < 0:
+        n = len(values)
+        window = list(values[max(n + hi, 0) : max(n + lo + 1, 0)])  # -1 is the last
+    else:
+        window = list(values[lo - 1 : hi])
+    text = (_ordered_set(window) if ordered else r.uid_set(window)) if window else "NIL"
+    spec = f"{lo}:{hi}"
+    return f"({spec} {text})"
 
 
 def untagged_ok(text: str, code: str | None = None) -> bytes:
@@ -1523,7 +2123,7 @@ async def _forever() -> None:
 
 
 def _att_needs_info(att: c.FetchAtt) -> bool:
-    if att.name in ("ENVELOPE", "BODY", "BODYSTRUCTURE"):
+    if att.name in ("ENVELOPE", "BODY", "BODYSTRUCTURE", "PREVIEW"):
         return True
     if att.name in ("BODY[]", "BINARY", "BINARY.SIZE"):
         return att.section is None or bool(att.section.part)
@@ -1554,7 +2154,18 @@ def _top_section(data: bytes, sec: c.Section) -> bytes:
 
 
 def _needs_data(att: c.FetchAtt) -> bool:
-    return att.name in ("BODY[]", "BINARY", "BINARY.SIZE", "RFC822", "RFC822.HEADER", "RFC822.TEXT")
+    return att.name in ("BODY[]", "BINARY", "BINARY.SIZE", "RFC822", "RFC822.HEADER", "RFC822.TEXT",
+                        "PREVIEW")
+
+
+PREVIEW_CHARS = 256  # RFC 8970 §3.1: at most 256 characters
+
+
+def preview_text(data: bytes, info: MessageInfo) -> str:
+    """RFC 8970 preview: the start of the decoded text, whitespace collapsed (HTML parts come
+    already reduced to text by postfach.mail)."""
+    text = " ".join(mail.search_text(data, info).split())
+    return text[:PREVIEW_CHARS]
 
 
 # ------------------------------------------------------------------------------- search engine
@@ -1693,6 +2304,10 @@ def _match(key: c.SearchKey, ctx: _MatchCtx) -> bool:
             return meta.internaldate > ctx.now - timedelta(seconds=int(str(a[0])))
         case "MODSEQ":
             return meta.modseq >= int(str(a[0]))
+        case "UIDIN" | "SAVEDBEFORE" | "SAVEDON" | "SAVEDSINCE" | "EMAILID" | "THREADID":
+            pred = _compile_meta(key, ctx.sel, ctx.rev1, ctx.now)
+            assert pred is not None
+            return pred(meta, ctx.seq)
         case "HEADER":
             name, value = str(a[0]), _fold(str(a[1]))
             values = _header_text(ctx, name)
@@ -1769,7 +2384,31 @@ def _compile_meta(key: c.SearchKey, sel: SelectedMailbox, rev1: bool, now: datet
     if op == "MODSEQ":
         ms = int(str(a[0]))
         return lambda m, s: m.modseq >= ms
+    if op == "UIDIN":
+        wanted = a[0]
+        assert isinstance(wanted, frozenset)
+        return lambda m, s: m.uid in wanted
+    if op in ("SAVEDBEFORE", "SAVEDON", "SAVEDSINCE"):
+        sd = a[0]
+        assert isinstance(sd, date)
+        saved_day: date = sd
+        return lambda m, s: _date_cmp(op[5:], (m.savedate or m.internaldate).date(), saved_day)
+    if op == "EMAILID":
+        wanted_id = str(a[0])
+        return lambda m, s: email_id(m) == wanted_id
+    if op == "THREADID":
+        return lambda m, s: False  # THREADID is NIL: no message has one
     return None
+
+
+def email_id(meta: MessageMeta) -> str:
+    """RFC 8474 EMAILID: the same for every copy of the same stored message (the blob)."""
+    return "M" + "".join(ch for ch in str(meta.blob_id) if ch.isalnum() or ch in "-_")[:40]
+
+
+def mailbox_id(mb_id: int, uidvalidity: int) -> str:
+    """RFC 8474 MAILBOXID: stable across renames, new when the mailbox is recreated."""
+    return f"F{mb_id}-{uidvalidity}"
 
 
 def _has_flag(flags: frozenset[str], flag: str, ctx: _MatchCtx) -> bool:

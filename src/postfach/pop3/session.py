@@ -270,11 +270,7 @@ class Session:
         try:
             # The lean listing (no MessageMeta per message): login on a 100,000-message maildrop
             # costs one query. A backend without it is asked for the full records.
-            lean = getattr(store, "list_uids_sizes", None)
-            if lean is not None:
-                rows: list[tuple[Uid, int, frozenset[str]]] = await lean(account.id, mailbox.id)
-            else:
-                rows = [(m.uid, m.size, m.flags) for m in await store.list_messages(account.id, mailbox.id)]
+            rows = await store.list_uids_sizes(account.id, mailbox.id)
         except BaseException:
             await self._locks.aclose()
             raise
