@@ -25,6 +25,7 @@ from postfach.auth import Authenticator
 from postfach.config import Config, ListenerConfig
 from postfach.context import ConnectionInfo, ServerContext
 from postfach.net.tls import TlsManager
+from postfach.quota import QuotaWarner
 from postfach.store import open_store
 
 log = logging.getLogger("postfach.server")
@@ -163,6 +164,10 @@ class Server:
         dns = _optional("postfach.dns")
         if checks is not None and dns is not None:
             ctx.services["inbound_checks"] = checks.InboundChecker(ctx.config, dns.make_resolver(ctx.config))
+        warner = QuotaWarner(ctx)
+        await warner.start()
+        ctx.services["quota_warner"] = warner
+        self._background.append(warner)
         queue = _optional("postfach.queue.scheduler")
         if queue is not None:
             runner = queue.QueueRunner(ctx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from tests.store.storehelpers import account_with_inbox, backend_params, msg, ne
 from postfach.errors import AlreadyExists, MailboxInUse, NotFound, NotPermitted, QuotaExceeded, StoreError
 from postfach.mail import MessageInfo, parse_message
 from postfach.store.base import (
+    ALL_ACCOUNTS,
     DEFAULT_MAILBOXES,
     ChangeKind,
     DeliveryTarget,
@@ -512,6 +514,23 @@ async def test_change_feed(store: Store) -> None:
     await store.set_quota(aid, None, None)
     assert sub.get_nowait() is None
     osub.close()
+
+
+@pytest.mark.asyncio
+async def test_change_feed_for_all_accounts(store: Store) -> None:
+    a1, inbox1 = await account_with_inbox(store, "one@example.com")
+    a2, inbox2 = await account_with_inbox(store, "two@example.com")
+    watcher = store.subscribe(ALL_ACCOUNTS)
+    try:
+        r1 = await store.append(a1, inbox1, msg(1))
+        r2 = await store.append(a2, inbox2, msg(2))
+        seen = []
+        for _ in range(2):
+            ch = await asyncio.wait_for(watcher.get(), 5)
+            seen.append((ch.account_id, ch.kind, ch.uids))
+        assert seen == [(a1, ChangeKind.APPEND, (r1.uid,)), (a2, ChangeKind.APPEND, (r2.uid,))]
+    finally:
+        watcher.close()
 
 
 @pytest.mark.asyncio

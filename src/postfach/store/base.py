@@ -21,6 +21,10 @@ from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, U
 
 HIERARCHY_DELIMITER = "/"
 
+#: ``subscribe(ALL_ACCOUNTS)`` receives the changes *this process* makes to any account (never
+#: another node's), for services that watch every account, such as the quota warnings.
+ALL_ACCOUNTS = AccountId(0)
+
 #: Folders every new account gets, with their RFC 6154 special-use attribute.
 DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
     ("INBOX", None),

@@ -61,6 +61,7 @@ from postfach.errors import (
 )
 from postfach.mail import parse_message
 from postfach.store.base import (
+    ALL_ACCOUNTS,
     DEFAULT_MAILBOXES,
     HIERARCHY_DELIMITER,
     SYSTEM_FLAGS,
@@ -721,9 +722,12 @@ class PostgresStore:
             return  # published locally at commit already
         self._dispatch([change])
 
-    def _dispatch(self, changes: Iterable[Change]) -> None:
+    def _dispatch(self, changes: Iterable[Change], *, local: bool = False) -> None:
+        watchers = self._subs.get(ALL_ACCOUNTS, ()) if local else ()
         for ch in changes:
             for sub in list(self._subs.get(ch.account_id, ())):
+                sub._put(ch)
+            for sub in list(watchers):
                 sub._put(ch)
 
     # --------------------------------------------------------------------------------- plumbing
@@ -824,7 +828,7 @@ class PostgresStore:
                 if t is exc:
                     raise
                 raise t from exc
-            self._dispatch(tx.notified + tx.changes)
+            self._dispatch(tx.notified + tx.changes, local=True)
             return result
         raise StoreUnavailable("database busy; try again")
 

@@ -68,6 +68,7 @@ from postfach.errors import (
 )
 from postfach.mail import parse_message
 from postfach.store.base import (
+    ALL_ACCOUNTS,
     DEFAULT_MAILBOXES,
     HIERARCHY_DELIMITER,
     SYSTEM_FLAGS,
@@ -1169,8 +1170,11 @@ class SqliteStore:
                 self._blobs.remove_if_unpinned(blob_id)
 
     def _resolve(self, results: list[tuple[asyncio.Future[Any] | None, bool, Any]], changes: list[Change]) -> None:
+        watchers = self._subs.get(ALL_ACCOUNTS, ())
         for ch in changes:
             for sub in list(self._subs.get(ch.account_id, ())):
+                sub._put(ch)
+            for sub in list(watchers):
                 sub._put(ch)
         for fut, ok, value in results:
             if fut is None or fut.done():
