@@ -56,7 +56,8 @@ def test_one_warning_per_crossing(live_server: LiveServer) -> None:
         await store.set_quota(acct.id, QUOTA, None)
 
     live_server.call(set_quota)
-    imap = imaplib.IMAP4_SSL("localhost", live_server.port("imap", "implicit"), ssl_context=live_server.client_context())
+    port = live_server.port("imap", "implicit")
+    imap = imaplib.IMAP4_SSL("localhost", port, ssl_context=live_server.client_context())
     imap.login(USER, PASSWORD)
     try:
         # 70 % through IMAP APPEND: no warning yet
