@@ -1938,19 +1938,26 @@ class SqliteStore:
             ).fetchone()
             if r is None:
                 raise NotFound("no such mailbox")
-            changed = [
-                _meta(x)
-                for x in conn.execute(
-                    f"SELECT {_MESSAGE_COLS} FROM message WHERE mailbox_id = ? AND modseq > ? ORDER BY uid",
-                    (mailbox_id, since),
-                )
-            ]
-            expunged = [
+            # No ORDER BY uid in SQL: it would make SQLite walk the (mailbox, uid) key over the
+            # whole mailbox instead of the modseq index; the changes are few, sort them here.
+            changed = sorted(
+                (
+                    _meta(x)
+                    for x in conn.execute(
+                        f"SELECT {_MESSAGE_COLS} FROM message INDEXED BY message_modseq"
+                        " WHERE mailbox_id = ? AND modseq > ?",
+                        (mailbox_id, since),
+                    )
+                ),
+                key=lambda m: m.uid,
+            )
+            expunged = sorted(
                 Uid(int(x[0]))
                 for x in conn.execute(
-                    "SELECT uid FROM expunged WHERE mailbox_id = ? AND modseq > ? ORDER BY uid", (mailbox_id, since)
+                    "SELECT uid FROM expunged INDEXED BY expunged_modseq WHERE mailbox_id = ? AND modseq > ?",
+                    (mailbox_id, since),
                 )
-            ]
+            )
             return MailboxChanges(_mailbox(r), tuple(changed), tuple(expunged))
 
         return await self._read(fn)
