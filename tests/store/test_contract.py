@@ -535,18 +535,18 @@ async def test_change_feed_for_all_accounts(store: Store) -> None:
 
 @pytest.mark.asyncio
 async def test_change_feed_overflow_keeps_wakeup(store: Store) -> None:
-    from postfach.store import sqlite as sqlite_mod
+    from postfach.store import common as common_mod
 
     aid, inbox = await account_with_inbox(store)
     sub = store.subscribe(aid)
-    n = sqlite_mod.SUBSCRIPTION_QUEUE_SIZE + 20
+    n = common_mod.SUBSCRIPTION_QUEUE_SIZE + 20
     for i in range(0, n, 50):
         await store.append_many(aid, inbox, [(msg(j, tag="o"), frozenset(), None) for j in range(i, i + 50)])
     await store.store_flags(aid, inbox, [Uid(1)], FlagOp.ADD, frozenset({"\\Seen"}))
     got = []
     while (c := sub.get_nowait()) is not None:
         got.append(c)
-    assert 0 < len(got) <= sqlite_mod.SUBSCRIPTION_QUEUE_SIZE
+    assert 0 < len(got) <= common_mod.SUBSCRIPTION_QUEUE_SIZE
     assert got[-1].kind is ChangeKind.FLAGS  # the newest survives, the oldest were dropped
     sub.close()
 

@@ -59,12 +59,10 @@ from postfach.errors import (
     StoreError,
     StoreUnavailable,
 )
-from postfach.mail import parse_message
 from postfach.store.base import (
     ALL_ACCOUNTS,
     DEFAULT_MAILBOXES,
     HIERARCHY_DELIMITER,
-    SYSTEM_FLAGS,
     WIRE_CRLF_ONLY,
     WIRE_NO_DOT_LINES,
     Account,
@@ -86,6 +84,12 @@ from postfach.store.base import (
     RecipientState,
     StoreFlagsResult,
 )
+from postfach.store.common import Subscription as _Subscription
+from postfach.store.common import apply_flag_op as _apply_flag_op
+from postfach.store.common import norm_address as _norm_address
+from postfach.store.common import norm_mailbox_name as _norm_mailbox_name
+from postfach.store.common import normalize_flags
+from postfach.store.common import parse_info as _parse_info
 from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
 
 log = logging.getLogger("postfach.store")
@@ -95,14 +99,12 @@ T = TypeVar("T")
 CHUNK_BYTES = 1 << 20  # one blob_chunk row
 PARSE_WITHOUT_ASKING_BYTES = 256 << 10  # smaller messages are parsed at once, bigger ones if new
 MAX_UID = 0xFFFFFFFF  # RFC 9051 §2.3.1.1: nz-number, 32 bits
-SUBSCRIPTION_QUEUE_SIZE = 1024  # as the embedded store: the oldest changes go first on overflow
 QUEUE_CLAIM_SECONDS = 3600  # a claimed queue item returns to the pool after this, or when its node dies
 NOTIFY_MAX_BYTES = 7900  # PostgreSQL's payload limit is 8000 bytes
 TX_RETRIES = 8
 CONTROL_PING_SECONDS = 10.0
 MIGRATIONS_DIR = Path(__file__).parent / "pg_migrations"
 
-_SYSTEM = {f.lower(): f for f in SYSTEM_FLAGS}
 
 # Errors that mean "the database is not reachable right now" (temporary for the client).
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -129,45 +131,8 @@ def _aware(dt: datetime) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
-def normalize_flags(flags: Iterable[str]) -> frozenset[str]:
-    """System flags in their canonical spelling; keywords kept as given, deduplicated
-    case-insensitively (RFC 9051 §2.3.2). \\Recent is a session property and never stored."""
-    out: dict[str, str] = {}
-    for f in flags:
-        if not f:
-            continue
-        low = f.lower()
-        if low == "\\recent":
-            continue
-        out.setdefault(low, _SYSTEM.get(low, f))
-    return frozenset(out.values())
-
-
-def _apply_flag_op(cur: frozenset[str], op: FlagOp, flags: frozenset[str]) -> frozenset[str]:
-    if op is FlagOp.REPLACE:
-        return flags
-    lows = {f.lower() for f in flags}
-    if op is FlagOp.ADD:
-        have = {f.lower() for f in cur}
-        return cur | {f for f in flags if f.lower() not in have}
-    return frozenset(f for f in cur if f.lower() not in lows)
-
-
-def _norm_address(address: str) -> str:
-    return address.strip().lower()
-
-
 def _norm_domain(name: str) -> str:
     return name.strip().lower().rstrip(".")
-
-
-def _norm_mailbox_name(name: str) -> str:
-    """INBOX is case-insensitive (RFC 9051 §5.1), also as the first level of a hierarchy."""
-    if name.upper() == "INBOX":
-        return "INBOX"
-    if name[:6].upper() == "INBOX" + HIERARCHY_DELIMITER:
-        return "INBOX" + name[5:]
-    return name
 
 
 def _int4(x: int) -> int:
@@ -220,16 +185,6 @@ def wire_bits(data: bytes) -> int:
     if not data.startswith(b".") and b"\n." not in data:
         bits |= WIRE_NO_DOT_LINES
     return bits
-
-
-def _parse_info(data: bytes) -> bytes | None:
-    """The cached parse result for a new blob; None when postfach.mail cannot parse it (then
-    ``message_info`` tries again on demand and reports the failure)."""
-    try:
-        return parse_message(data).to_json()
-    except Exception:  # malformed mail is stored as it is (invariant 7)
-        log.exception("parsing a message for the cache failed; it will be parsed on demand")
-        return None
 
 
 def _change_payload(node: int, ch: Change) -> str:
@@ -300,38 +255,6 @@ class _Blob:
     info: bytes | None
     data: bytes | None  # None: the blob exists already (copy/move); never uploaded
     wire: int | None = None  # WIRE_* bits, learned at ingest
-
-
-class _Subscription:
-    def __init__(self, store: PostgresStore, account_id: AccountId) -> None:
-        self.account_id = account_id
-        self._store = store
-        self._q: asyncio.Queue[Change] = asyncio.Queue(SUBSCRIPTION_QUEUE_SIZE)
-        self._closed = False
-
-    def _put(self, change: Change) -> None:
-        if self._closed:
-            return
-        if self._q.full():
-            # Drop the oldest: the subscriber re-reads with mailbox_changes anyway; what
-            # matters is that it wakes up.
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self._q.get_nowait()
-        self._q.put_nowait(change)
-
-    async def get(self) -> Change:
-        return await self._q.get()
-
-    def get_nowait(self) -> Change | None:
-        try:
-            return self._q.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._store._unsubscribe(self)
 
 
 class _MaildropLock:
@@ -1863,7 +1786,7 @@ class PostgresStore:
 
     # -------------------------------------------------------------------------------- change feed
     def subscribe(self, account_id: AccountId) -> _Subscription:
-        sub = _Subscription(self, account_id)
+        sub = _Subscription(account_id, self._unsubscribe)
         self._subs.setdefault(account_id, set()).add(sub)
         return sub
 

@@ -66,12 +66,10 @@ from postfach.errors import (
     StoreError,
     StoreUnavailable,
 )
-from postfach.mail import parse_message
 from postfach.store.base import (
     ALL_ACCOUNTS,
     DEFAULT_MAILBOXES,
     HIERARCHY_DELIMITER,
-    SYSTEM_FLAGS,
     Account,
     Alias,
     AppendResult,
@@ -92,6 +90,12 @@ from postfach.store.base import (
     StoreFlagsResult,
 )
 from postfach.store.blobs import FileBlobStore, fsync_dir, os_error, sha256_hex, wire_flags
+from postfach.store.common import Subscription as _Subscription
+from postfach.store.common import apply_flag_op as _apply_flag_op
+from postfach.store.common import norm_address as _norm_address
+from postfach.store.common import norm_mailbox_name as _norm_mailbox_name
+from postfach.store.common import normalize_flags
+from postfach.store.common import parse_info as _parse_info
 from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
 
 log = logging.getLogger("postfach.store")
@@ -99,11 +103,9 @@ log = logging.getLogger("postfach.store")
 T = TypeVar("T")
 
 MAX_UID = 0xFFFFFFFF  # RFC 9051 §2.3.1.1: nz-number, 32 bits
-SUBSCRIPTION_QUEUE_SIZE = 1024
 QUEUE_CLAIM_SECONDS = 3600.0  # a claimed queue item returns to the pool if its worker went silent
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MIGRATION_RE = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
-_SYSTEM = {f.lower(): f for f in SYSTEM_FLAGS}
 
 
 # ------------------------------------------------------------------------------------- migrations
@@ -195,49 +197,12 @@ def _from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-def normalize_flags(flags: Iterable[str]) -> frozenset[str]:
-    """System flags in their canonical spelling; keywords kept as given, deduplicated
-    case-insensitively (RFC 9051 §2.3.2). \\Recent is a session property and never stored."""
-    out: dict[str, str] = {}
-    for f in flags:
-        if not f:
-            continue
-        low = f.lower()
-        if low == "\\recent":
-            continue
-        out.setdefault(low, _SYSTEM.get(low, f))
-    return frozenset(out.values())
-
-
 def _flags_text(flags: frozenset[str]) -> str:
     return " ".join(sorted(flags))
 
 
 def _flags_from(text: str) -> frozenset[str]:
     return frozenset(text.split()) if text else frozenset()
-
-
-def _apply_flag_op(cur: frozenset[str], op: FlagOp, flags: frozenset[str]) -> frozenset[str]:
-    if op is FlagOp.REPLACE:
-        return flags
-    lows = {f.lower() for f in flags}
-    if op is FlagOp.ADD:
-        have = {f.lower() for f in cur}
-        return cur | {f for f in flags if f.lower() not in have}
-    return frozenset(f for f in cur if f.lower() not in lows)
-
-
-def _norm_address(address: str) -> str:
-    return address.strip().lower()
-
-
-def _norm_mailbox_name(name: str) -> str:
-    """INBOX is case-insensitive (RFC 9051 §5.1), also as the first level of a hierarchy."""
-    if name.upper() == "INBOX":
-        return "INBOX"
-    if name[:6].upper() == "INBOX" + HIERARCHY_DELIMITER:
-        return "INBOX" + name[5:]
-    return name
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -277,16 +242,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA busy_timeout = 30000")
     return conn
-
-
-def _parse_info(data: bytes) -> bytes | None:
-    """The cached parse result for a new blob; None when postfach.mail cannot parse it (then
-    ``message_info`` tries again on demand and reports the failure)."""
-    try:
-        return parse_message(data).to_json()
-    except Exception:  # malformed mail is stored as it is (invariant 7)
-        log.exception("parsing a message for the cache failed; it will be parsed on demand")
-        return None
 
 
 # ------------------------------------------------------------------------------ internal records
@@ -343,36 +298,6 @@ class _Blob:
     size: int
     info: bytes | None
     wire: int | None = None  # WIRE_* bits (base.py); None when not learned (rows of older copies)
-
-
-class _Subscription:
-    def __init__(self, store: SqliteStore, account_id: AccountId) -> None:
-        self.account_id = account_id
-        self._store = store
-        self._q: asyncio.Queue[Change] = asyncio.Queue(SUBSCRIPTION_QUEUE_SIZE)
-        self._closed = False
-
-    def _put(self, change: Change) -> None:
-        if self._q.full():
-            # Drop the oldest: the subscriber re-reads with mailbox_changes anyway; what
-            # matters is that it wakes up.
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self._q.get_nowait()
-        self._q.put_nowait(change)
-
-    async def get(self) -> Change:
-        return await self._q.get()
-
-    def get_nowait(self) -> Change | None:
-        try:
-            return self._q.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._store._unsubscribe(self)
 
 
 class _MaildropLock:
@@ -2130,7 +2055,7 @@ class SqliteStore:
 
     # -------------------------------------------------------------------------------- change feed
     def subscribe(self, account_id: AccountId) -> _Subscription:
-        sub = _Subscription(self, account_id)
+        sub = _Subscription(account_id, self._unsubscribe)
         self._subs.setdefault(account_id, set()).add(sub)
         return sub
 
