@@ -22,10 +22,15 @@ from typing import Any
 
 from postfach import log as plog
 from postfach.auth import Authenticator
+from postfach.backup import BackupScheduler
 from postfach.config import Config, ListenerConfig
 from postfach.context import ConnectionInfo, ServerContext
+from postfach.dkim import DkimSigner
+from postfach.dns import make_resolver
 from postfach.net.tls import TlsManager
+from postfach.queue.scheduler import QueueRunner
 from postfach.quota import QuotaWarner
+from postfach.smtp.inbound_checks import InboundChecker
 from postfach.store import open_store
 
 log = logging.getLogger("postfach.server")
@@ -57,16 +62,6 @@ _ids = itertools.count(1)
 _TLS_READ_BUFFER = 4 * 1024
 if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > _TLS_READ_BUFFER:
     asyncio.sslproto.SSLProtocol.max_size = _TLS_READ_BUFFER
-
-
-def _optional(module_name: str) -> Any:
-    """A module of another room, or None while that room has not landed."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            return None
-        raise
 
 
 def load_handler(protocol: str) -> Handler:
@@ -152,34 +147,17 @@ class Server:
             loop.add_signal_handler(signal.SIGHUP, tls.reload)
 
     async def _start_services(self, ctx: ServerContext) -> None:
-        """Optional services of other rooms: each is used when its module is present."""
-        specs: list[tuple[str, str, str]] = [
-            ("dkim_signer", "postfach.dkim", "DkimSigner"),
-        ]
-        for key, module_name, cls_name in specs:
-            module = _optional(module_name)
-            if module is not None:
-                ctx.services[key] = getattr(module, cls_name)(ctx.config)
-        checks = _optional("postfach.smtp.inbound_checks")
-        dns = _optional("postfach.dns")
-        if checks is not None and dns is not None:
-            ctx.services["inbound_checks"] = checks.InboundChecker(ctx.config, dns.make_resolver(ctx.config))
-        warner = QuotaWarner(ctx)
-        await warner.start()
-        ctx.services["quota_warner"] = warner
-        self._background.append(warner)
-        queue = _optional("postfach.queue.scheduler")
-        if queue is not None:
-            runner = queue.QueueRunner(ctx)
-            await runner.start()
-            ctx.services["queue"] = runner
-            self._background.append(runner)
-        backup = _optional("postfach.backup")
-        if backup is not None and ctx.config.backup.enabled and hasattr(backup, "BackupScheduler"):
-            sched = backup.BackupScheduler(ctx)
-            await sched.start()
-            ctx.services["backup"] = sched
-            self._background.append(sched)
+        """DKIM signing and inbound checks for SMTP; quota warnings, the outbound queue and the
+        daily backup as background services (stopped in reverse order)."""
+        ctx.services["dkim_signer"] = DkimSigner(ctx.config)
+        ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config))
+        services: list[tuple[str, Any]] = [("quota_warner", QuotaWarner(ctx)), ("queue", QueueRunner(ctx))]
+        if ctx.config.backup.enabled:
+            services.append(("backup", BackupScheduler(ctx)))
+        for key, svc in services:
+            await svc.start()
+            ctx.services[key] = svc
+            self._background.append(svc)
 
     async def _stop_services(self) -> None:
         for svc in reversed(self._background):
