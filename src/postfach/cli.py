@@ -9,8 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import getpass
-import importlib
-import inspect
 import json
 import os
 import re
@@ -496,28 +494,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- parser
 
 
-def _optional_parsers(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
-    """Subcommands that other rooms provide (queue, dkim/dns, backup, export/import)."""
-    for module_name in (
-        "postfach.queue.admin",
-        "postfach.dkim",
-        "postfach.backup",
-        "postfach.transfer",
-        "postfach.store.migrate",
-    ):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # that room has not landed; any other import error is a bug
-            if e.name and module_name.startswith(e.name):
-                continue
-            raise
-        add = getattr(module, "add_parsers", None)
-        if add is None:
-            continue
-        if len(inspect.signature(add).parameters) >= 2:
-            add(sub, common)
-        else:
-            add(sub)
+def _room_parsers(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
+    """Subcommands the other rooms define: queue, dkim/dns, backup, export/import, store migrate."""
+    from postfach import backup, dkim, transfer
+    from postfach.queue import admin
+    from postfach.store import migrate
+
+    admin.add_parsers(sub)
+    dkim.add_parsers(sub)
+    for add in (backup.add_parsers, transfer.add_parsers, migrate.add_parsers):
+        add(sub, common)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -576,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_alias)
 
-    _optional_parsers(sub, common)
+    _room_parsers(sub, common)
     return p
 
 
