@@ -88,6 +88,21 @@ async def test_inbound_checks_accept_prepends_authentication_results(env: Env) -
 
 
 @pytest.mark.asyncio
+async def test_forged_authentication_results_in_our_name_are_removed(env: Env) -> None:
+    env.ctx.services["inbound_checks"] = Checks("accept")
+    forged = (b"EHLO relay.example\r\nMAIL FROM:<x@sender.example>\r\nRCPT TO:<user@example.org>\r\nDATA\r\n"
+              b"Authentication-Results: mail.example.org; dkim=pass header.d=bank.example\r\n"
+              b"Authentication-Results: other.example; spf=fail\r\n"
+              b"From: x@sender.example\r\nSubject: in\r\n\r\nhi\r\n.\r\n")
+    replies = await talk(env, "mx", forged, "192.0.2.1")
+    assert replies[-1].startswith("250 2.0.0")
+    msg = (await env.messages(USER))[0]
+    results = [ln for ln in msg.split(b"\r\n") if ln.lower().startswith(b"authentication-results:")]
+    assert results == [b"Authentication-Results: mail.example.org; spf=pass",
+                       b"Authentication-Results: other.example; spf=fail"]
+
+
+@pytest.mark.asyncio
 async def test_inbound_checks_reject_is_550(env: Env) -> None:
     env.ctx.services["inbound_checks"] = Checks("reject")
     replies = await talk(env, "mx", MX_MAIL)

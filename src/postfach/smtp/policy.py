@@ -25,6 +25,7 @@ from postfach.mail.address import parse_address_list
 from postfach.smtp import codes
 from postfach.smtp.codes import Reply
 from postfach.smtp.delivery import LocalDelivery, normalize, split_address
+from postfach.smtp.inbound_checks import remove_forged_results
 from postfach.store.base import Account
 
 log = logging.getLogger("postfach.smtp")
@@ -281,4 +282,14 @@ class InboundPolicy:
             if action == "quarantine":
                 junk = True
             prefix = header + prefix
+            data = _without_forged_results(msg.data, header)
+            return Prepared(prefix + data, junk)
         return Prepared(prefix + msg.data, junk)
+
+
+def _without_forged_results(data: bytes, our_header: bytes) -> bytes:
+    """RFC 8601 §5: before adding ours, drop Authentication-Results fields that claim our
+    authserv-id (a sender could otherwise forge "dkim=pass" in our name)."""
+    _name, colon, value = our_header.partition(b":")
+    authserv_id = value.split(b";", 1)[0].strip().decode("ascii", "replace") if colon else ""
+    return remove_forged_results(data, authserv_id) if authserv_id else data
