@@ -657,6 +657,11 @@ def _replace(p: _P, uid: bool) -> c.Replace:
     p.sp()
     mbox = p.mailbox()
     p.sp()
+    return c.Replace(p.tag, target, mbox, _append_message(p), uid=uid)
+
+
+def _append_message(p: _P) -> c.AppendMessage:
+    """[flag-list SP] [date-time SP] (literal / "UTF8 (" literal8 ")") — APPEND and REPLACE."""
     flags: frozenset[str] = frozenset()
     when: datetime | None = None
     if p.peek() == 0x28:
@@ -668,12 +673,15 @@ def _replace(p: _P, uid: bool) -> c.Replace:
             raise p.fail("bad date-time")
         p.sp()
     lit = p.literal()
-    if lit is None and p.try_ci(b"UTF8 ("):
-        lit = p.literal()
-        p.expect(b")")
     if lit is None:
-        raise p.fail("expected the message as a literal")
-    return c.Replace(p.tag, target, mbox, c.AppendMessage(lit, flags, when), uid=uid)
+        if p.try_ci(b"UTF8"):  # RFC 6855 UTF8 (literal8)
+            p.sp()
+            p.expect(b"(")
+            lit = p.literal()
+            p.expect(b")")
+        if lit is None:
+            raise p.fail("expected the message as a literal")
+    return c.AppendMessage(lit, flags, when)
 
 
 def _append(p: _P) -> c.Append:
@@ -682,26 +690,7 @@ def _append(p: _P) -> c.Append:
     messages: list[c.AppendMessage] = []
     while not p.at_end():
         p.sp()
-        flags: frozenset[str] = frozenset()
-        when: datetime | None = None
-        if p.peek() == 0x28:
-            flags = p.flag_list()
-            p.sp()
-        if p.peek() == 0x22:
-            when = p.date_time()
-            if when is None:
-                raise p.fail("bad date-time")
-            p.sp()
-        lit = p.literal()
-        if lit is None:
-            if p.try_ci(b"UTF8"):  # RFC 6855 UTF8 (literal8)
-                p.sp()
-                p.expect(b"(")
-                lit = p.literal()
-                p.expect(b")")
-            if lit is None:
-                raise p.fail("expected the message as a literal")
-        messages.append(c.AppendMessage(lit, flags, when))
+        messages.append(_append_message(p))
     if not messages:
         raise p.fail("APPEND needs a message")
     return c.Append(p.tag, mbox, tuple(messages))
