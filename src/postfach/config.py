@@ -145,6 +145,15 @@ class QuotaConfig:
 
 
 @dataclass(frozen=True)
+class ProxyConfig:
+    # Load balancers allowed to send a PROXY protocol header (HAProxy v1/v2) on listeners with
+    # `proxy_protocol = true` (Dovecot: haproxy_trusted_networks). Anyone else is disconnected there.
+    trusted_networks: tuple[str, ...] = ()
+    # The header must be complete this soon after connecting (Dovecot: haproxy_timeout = 3s).
+    header_timeout_seconds: float = 3.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     format: str = "text"  # "text" or "json"
@@ -164,6 +173,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     quota: QuotaConfig = field(default_factory=QuotaConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Set by load(), not read from the file:
     data_dir: Path = Path("var")
@@ -191,6 +201,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "queue": QueueConfig,
     "backup": BackupConfig,
     "quota": QuotaConfig,
+    "proxy": ProxyConfig,
     "logging": LoggingConfig,
 }
 
@@ -273,6 +284,10 @@ def _validate(cfg: Config, where: str) -> None:
         seen.add((lst.address, lst.port))
         if lst.protocol == "mx" and lst.tls == "implicit":
             raise ConfigError(f"{where}: {keypath}.tls: MX (port 25) speaks STARTTLS, not implicit TLS")
+        if lst.proxy_protocol and not cfg.proxy.trusted_networks:
+            raise ConfigError(
+                f"{where}: {keypath}.proxy_protocol: needs proxy.trusted_networks (the load balancers' addresses)"
+            )
     for i, net in enumerate(cfg.auth.cleartext_networks):
         try:
             ipaddress.ip_network(net, strict=False)
@@ -280,6 +295,15 @@ def _validate(cfg: Config, where: str) -> None:
             raise ConfigError(
                 f"{where}: auth.cleartext_networks[{i}]: {net!r} is not a network (like 10.0.0.0/8)"
             ) from None
+    for i, net in enumerate(cfg.proxy.trusted_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: proxy.trusted_networks[{i}]: {net!r} is not a network (like 10.0.0.0/8)"
+            ) from None
+    if cfg.proxy.header_timeout_seconds <= 0:
+        raise ConfigError(f"{where}: proxy.header_timeout_seconds: must be more than 0")
     if cfg.limits.imap_idle_timeout_seconds < 1800:
         raise ConfigError(f"{where}: limits.imap_idle_timeout_seconds: must be at least 1800 (RFC 9051 §5.4)")
     if cfg.limits.pop3_idle_timeout_seconds < 600:
@@ -409,7 +433,11 @@ def render_initial(
 # ----------------------------------------------------------------------------------- reference
 
 _SECTION_DOCS: dict[str, str] = {
-    "listener": "One `[[listener]]` table per port: any protocol on any port in any TLS mode.",
+    "listener": (
+        "One `[[listener]]` table per port: any protocol on any port in any TLS mode."
+        " `proxy_protocol = true`: only a load balancer from `[proxy] trusted_networks` connects, and it"
+        " sends a PROXY header first (before the TLS handshake on implicit-TLS ports)."
+    ),
     "store": "Where mail is kept.",
     "tls": "Certificate and key (PEM); reloaded on SIGHUP.",
     "auth": "Logins: where passwords may travel without TLS, throttling and lockout, hashing cost.",
@@ -420,6 +448,12 @@ _SECTION_DOCS: dict[str, str] = {
     "queue": "The outbound queue.",
     "backup": "The daily backup that `serve` runs.",
     "quota": "Quota warnings.",
+    "proxy": (
+        "The PROXY protocol (v1 and v2, auto-detected) behind a load balancer such as HAProxy: on a"
+        " listener with `proxy_protocol = true` every connection must come from `trusted_networks` and"
+        " start with a header naming the real client, whose address then counts everywhere (logs, limits,"
+        " lockout, `cleartext_networks`, `Received:`, SPF). TLVs are ignored; TLS is only what we did ourselves."
+    ),
     "logging": "Log level and format.",
 }
 

@@ -27,6 +27,8 @@ from postfach.config import Config, ListenerConfig
 from postfach.context import ConnectionInfo, ServerContext
 from postfach.dkim import DkimSigner
 from postfach.dns import make_resolver
+from postfach.net import proxy
+from postfach.net.proxy_listener import ProxyListener, bind, plain_ip
 from postfach.net.tls import TlsManager
 from postfach.queue.scheduler import QueueRunner
 from postfach.quota import QuotaWarner
@@ -73,7 +75,7 @@ def load_handler(protocol: str) -> Handler:
 @dataclass
 class BoundListener:
     config: ListenerConfig
-    server: asyncio.Server
+    server: asyncio.AbstractServer
     port: int
 
 
@@ -183,17 +185,36 @@ class Server:
         return listener_ctx
 
     async def _listen(self, ctx: ServerContext, lst: ListenerConfig, handler: Handler) -> None:
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def on_connect(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxied: proxy.ProxyHeader | None = None
+        ) -> None:
             task = asyncio.current_task()
             assert task is not None
             self._connections.add(task)
             try:
-                await self._serve_one(ctx, lst, handler, reader, writer)
+                await self._serve_one(ctx, lst, handler, reader, writer, proxied)
             finally:
                 self._connections.discard(task)
 
         host: str | None = None if lst.address in ("", "*", "::", "0.0.0.0") else lst.address
         family = socket.AF_INET if lst.address == "0.0.0.0" else socket.AF_UNSPEC
+        if lst.proxy_protocol:
+            # The header comes before everything, TLS included: our own accept loop reads it.
+            socks = bind(host, lst.port, family, 512)
+            implicit = lst.tls == "implicit"
+            listener = ProxyListener(
+                socks,
+                on_connect,
+                name=lst.describe(),
+                trusted_networks=ctx.config.proxy.trusted_networks,
+                header_timeout=ctx.config.proxy.header_timeout_seconds,
+                ssl_context=self._implicit_context(ctx) if implicit else None,
+                ssl_handshake_timeout=ctx.config.limits.tls_handshake_timeout_seconds if implicit else None,
+            )
+            port = socks[0].getsockname()[1]
+            self.listeners.append(BoundListener(lst, listener, port))
+            log.info("listening: %s on %s port %d (%s, PROXY)", lst.protocol, lst.address or "*", port, lst.tls)
+            return
         # Implicit TLS: asyncio does the handshake before the callback runs. (Calling start_tls in
         # the callback would race: a ClientHello that arrived first sits in the plaintext buffer.)
         ssl_ctx = self._implicit_context(ctx) if lst.tls == "implicit" else None
@@ -219,17 +240,25 @@ class Server:
         handler: Handler,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        proxied: proxy.ProxyHeader | None = None,
     ) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         local = writer.get_extra_info("sockname") or ("?", 0)
-        remote_ip = str(peer[0])
-        if remote_ip.startswith("::ffff:"):
-            remote_ip = remote_ip[7:]
+        via = ""
+        if proxied is not None and proxied.client_ip is not None and proxied.destination is not None:
+            # The real client, as the load balancer saw it; everything below (per-IP cap, auth
+            # throttling and lockout, cleartext_networks, logs, Received:, SPF) uses it. A v2 LOCAL
+            # header (health check) or v1 UNKNOWN leaves the balancer's own address standing.
+            via = f" via proxy {plain_ip(str(peer[0]))}"
+            peer, local = proxied.source or peer, proxied.destination
+        elif proxied is not None:
+            via = " (PROXY header without a client address)"
+        remote_ip = plain_ip(str(peer[0]))
         conn = ConnectionInfo(
             listener=lst,
             remote_ip=remote_ip,
             remote_port=int(peer[1]),
-            local_ip=str(local[0]),
+            local_ip=plain_ip(str(local[0])),
             local_port=int(local[1]),
             tls_active=False,
             id=f"{lst.protocol[:4]}{next(_ids)}",
@@ -238,7 +267,7 @@ class Server:
         counts = ctx.connections_per_ip
         counts[remote_ip] = counts.get(remote_ip, 0) + 1
         try:
-            access.info("connect %s from %s:%d", lst.describe(), remote_ip, conn.remote_port)
+            access.info("connect %s from %s:%d%s", lst.describe(), remote_ip, conn.remote_port, via)
             if counts[remote_ip] > ctx.config.limits.max_connections_per_ip:
                 access.warning("refused %s: over max_connections_per_ip", remote_ip)
                 if lst.tls != "implicit":
