@@ -18,6 +18,19 @@ class _ConnFilter(logging.Filter):
         return True
 
 
+class _OneLineConnectionErrors(logging.Filter):
+    """asyncpg's pool logs each failed reconnect ("Failed to restore the pool connection floor")
+    with a traceback; while PostgreSQL restarts that is expected, and one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError | TimeoutError):
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -32,7 +45,7 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def setup(cfg: LoggingConfig, *, stream: object = None) -> None:
+def _handler(cfg: LoggingConfig, stream: object) -> logging.Handler:
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler.addFilter(_ConnFilter())
     if cfg.format == "json":
@@ -41,7 +54,18 @@ def setup(cfg: LoggingConfig, *, stream: object = None) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(conn)s] %(message)s", "%Y-%m-%d %H:%M:%S")
         )
+    return handler
+
+
+def setup(cfg: LoggingConfig, *, stream: object = None) -> None:
     root = logging.getLogger("postfach")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_handler(cfg, stream)]
     root.setLevel(cfg.level)
     root.propagate = False
+    # The PostgreSQL driver's own warnings (pool reconnects) in the same format, one line each.
+    lib_handler = _handler(cfg, stream)
+    lib_handler.addFilter(_OneLineConnectionErrors())
+    lib = logging.getLogger("asyncpg")
+    lib.handlers[:] = [lib_handler]
+    lib.setLevel(logging.WARNING)
+    lib.propagate = False

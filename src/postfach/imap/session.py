@@ -495,6 +495,11 @@ class Session:
         except CommandRefused as e:
             await self._send(r.tagged(tag, "NO", e.text, e.code))
             nxt = None
+        except StoreError as e:  # the account lookup behind the credentials (RFC 5530 UNAVAILABLE)
+            refusal = _store_refusal(e)
+            log.warning("AUTHENTICATE failed on the store: %s", e)
+            await self._send(r.tagged(tag, "NO", refusal.text, refusal.code))
+            nxt = None
         except CommandBad as e:
             await self._bad(tag, e.text, e.code)
             return await self._after_bad()
@@ -955,6 +960,8 @@ class Session:
             await self._send_notifications()
         except MailboxGone:
             return Next.LOGOUT
+        except StoreUnavailable as e:  # the next change (or the re-sync after a reconnect) retries
+            log.warning("refresh during IDLE failed: %s", e)
         except StoreError:
             log.exception("refresh during IDLE failed")
         await self._flush()

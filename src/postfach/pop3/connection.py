@@ -13,7 +13,7 @@ import logging
 import ssl
 
 from postfach.context import ConnectionInfo, ServerContext
-from postfach.errors import StoreError
+from postfach.errors import StoreError, StoreUnavailable
 from postfach.pop3.parser import LineReceiver, LineTooLong, verb_of
 from postfach.pop3.responses import (
     SYS_TEMP,
@@ -175,6 +175,10 @@ class _Driver:
             size = blob.size
             try:
                 chunk = await blob.read(0, min(STREAM_CHUNK, size)) if size else b""
+            except StoreUnavailable as e:  # RFC 3206 §4: try again later
+                log.warning("pop3 %s: store unavailable for RETR: %s", self.conn.id, e)
+                await self._write(serialise(Err("Temporary server failure, try again later", SYS_TEMP)))
+                return
             except StoreError as e:
                 log.info("pop3 %s: message vanished before RETR: %s", self.conn.id, e)
                 await self._write(serialise(Err("Message was deleted by another session (e.g. IMAP)")))

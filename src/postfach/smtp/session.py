@@ -18,6 +18,7 @@ from typing import assert_never
 
 from postfach.auth import AuthOutcome, sasl
 from postfach.context import ServerContext
+from postfach.errors import StoreUnavailable
 from postfach.smtp import codes
 from postfach.smtp.codes import Reply
 from postfach.smtp.delivery import DeliveryError, LocalDelivery, LocalRecipient, normalize
@@ -570,6 +571,12 @@ class Conversation:
             return None
         try:
             result = await self._dispatch(ev)
+        except StoreUnavailable as e:
+            # The database is restarting or unreachable (any lookup: AUTH, RCPT, DATA): a
+            # temporary failure the client retries (451 4.3.0, RFC 3463), not a bug to trace.
+            # Handlers change state only after their awaits, as below.
+            log.warning("smtp %s: store unavailable: %s", self.session.peer.remote_ip, e)
+            result = Result([codes.R451_LOCAL_ERROR])
         except Exception:
             # ServerFault: log with traceback, answer 451, keep the session. Handlers change state
             # only after their awaits, so a failed RCPT leaves the transaction as it was; after
