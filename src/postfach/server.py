@@ -17,7 +17,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from postfach import log as plog
@@ -201,17 +201,17 @@ class Server:
         if lst.proxy_protocol:
             # The header comes before everything, TLS included: our own accept loop reads it.
             socks = bind(host, lst.port, family, 512)
+            port = socks[0].getsockname()[1]
             implicit = lst.tls == "implicit"
             listener = ProxyListener(
                 socks,
                 on_connect,
-                name=lst.describe(),
+                name=replace(lst, port=port).describe(),
                 trusted_networks=ctx.config.proxy.trusted_networks,
                 header_timeout=ctx.config.proxy.header_timeout_seconds,
                 ssl_context=self._implicit_context(ctx) if implicit else None,
                 ssl_handshake_timeout=ctx.config.limits.tls_handshake_timeout_seconds if implicit else None,
             )
-            port = socks[0].getsockname()[1]
             self.listeners.append(BoundListener(lst, listener, port))
             log.info("listening: %s on %s port %d (%s, PROXY)", lst.protocol, lst.address or "*", port, lst.tls)
             return

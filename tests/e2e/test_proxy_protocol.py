@@ -34,6 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 
 CLIENT_X = ("203.0.113.25", 40001)  # the "real" clients the balancer reports
 CLIENT_Y = ("198.51.100.9", 40002)
+CLIENT_6 = ("2001:db8::7", 40003)
 
 
 class Relay:
@@ -101,6 +102,7 @@ def live(tmp_path: Path, dns: DnsTestServer) -> Iterator[LiveServer]:
         listeners=proxied + plain,
         proxy=ProxyConfig(trusted_networks=("127.0.0.1/32",), header_timeout_seconds=1.0),
         auth=replace(base.auth, lockout_failures=3, free_failures=10, cleartext_networks=("127.0.0.0/8",)),
+        limits=replace(base.limits, max_connections_per_ip=3),
         smtp=SmtpConfig(dns_nameservers=("127.0.0.1",), dns_port=dns.port),
     )
     try:
@@ -256,7 +258,34 @@ def test_header_and_client_hello_in_one_segment(live: LiveServer) -> None:
     assert greeting.startswith(b"* OK"), greeting
 
 
+def test_ipv6_client_behind_ipv4_balancer(live: LiveServer) -> None:
+    """A v2 header with an IPv6 client (the balancer itself talks IPv4 to us)."""
+    header = lambda dest: build_v2(CLIENT_6, ("::ffff:" + dest[0], dest[1]))  # noqa: E731 - one family per header
+    with relay(live, "submission", "starttls", header) as p:
+        smtp = smtplib.SMTP("localhost", p, timeout=20)
+        smtp.starttls(context=tls_ctx(live))
+        smtp.login(USER, PASSWORD)
+        smtp.sendmail(USER, [OTHER], _message(USER, OTHER, "over ipv6"))
+        smtp.quit()
+    received = BytesHeaderParser().parsebytes(last_message(live, OTHER)).get_all("Received")
+    assert received and "2001:db8::7" in received[0], received
+
+
 # ------------------------------------------------------------------------------- policy by address
+
+
+def test_connection_cap_counts_the_proxied_client(live: LiveServer) -> None:
+    """max_connections_per_ip (3 here) counts each client behind the balancer, not the balancer."""
+    with relay(live, "imap", "starttls", v1(CLIENT_X)) as px, relay(live, "imap", "starttls", v1(CLIENT_Y)) as py:
+        held = [imaplib.IMAP4("localhost", px, timeout=20) for _ in range(3)]
+        with socket.create_connection(("127.0.0.1", px)) as s:
+            s.settimeout(10)
+            assert s.recv(200).startswith(b"* BYE [UNAVAILABLE] Too many connections")
+        other = imaplib.IMAP4("localhost", py, timeout=20)  # someone else behind the same balancer
+        assert other.noop()[0] == "OK"
+        other.logout()
+        for imap in held:
+            imap.logout()
 
 
 def test_lockout_hits_the_proxied_client_not_the_proxy(live: LiveServer) -> None:
