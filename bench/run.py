@@ -86,6 +86,11 @@ SCRIPTS: dict[str, dict[str, tuple[str, str, float | None, str]]] = {
                                 ("fetch_flags", "UID FETCH 1:* (UID FLAGS)"))
         },
     },
+    "proxy_bench.py": {
+        "imap_implicit_plain_conn_per_s": ("New IMAP connections over implicit TLS (handshake + greeting)", "conn/s",
+                                           None, "min"),
+        "imap_implicit_proxy_conn_per_s": ("The same through a PROXY v2 listener", "conn/s", None, "min"),
+    },
     "backup_bench.py": {
         "backup_full_s": ("Full backup", "s", None, "max"),
         "backup_incremental_s": ("Incremental backup after 1,000 new messages", "s", 5, "max"),
