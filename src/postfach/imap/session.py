@@ -75,6 +75,7 @@ WRITE_BATCH = 64 * 1024
 PREFETCH_MESSAGES = 16  # FETCH loads this many small messages at once
 PREFETCH_BYTES = 2 * 1024 * 1024
 SPECIAL_USES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
+IDLE_RETRY_SECONDS = 2  # an IDLE refresh that met an unavailable store is retried after this
 PERMANENT_FLAGS = b"(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 BASE_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 MAX_NAME_BYTES = 255
@@ -232,6 +233,7 @@ class Session:
         self._notify: tuple[c.NotifyGroup, ...] | None = None  # NOTIFY SET (RFC 5465)
         self._notify_pending: list[Change] = []
         self._backlog: list[Change] = []  # feed entries taken by wait_change
+        self._refresh_failed = False  # an IDLE refresh met an unavailable store: retry it soon
         self._wbuf = bytearray()
 
     # ------------------------------------------------------------------------------ output helpers
@@ -950,6 +952,14 @@ class Session:
         if self._sub is None:
             await _forever()
             return
+        if self._refresh_failed:
+            # The store was away when we last looked (a database restart): look again soon even
+            # if nothing new is announced, so the IDLE client is not left behind.
+            self._refresh_failed = False
+            self._dirty = True
+            with contextlib.suppress(TimeoutError):
+                self._backlog.append(await asyncio.wait_for(self._sub.get(), IDLE_RETRY_SECONDS))
+            return
         self._backlog.append(await self._sub.get())
         self._dirty = True
 
@@ -960,8 +970,9 @@ class Session:
             await self._send_notifications()
         except MailboxGone:
             return Next.LOGOUT
-        except StoreUnavailable as e:  # the next change (or the re-sync after a reconnect) retries
-            log.warning("refresh during IDLE failed: %s", e)
+        except StoreUnavailable as e:
+            log.warning("refresh during IDLE failed (retrying in %ds): %s", IDLE_RETRY_SECONDS, e)
+            self._refresh_failed = True
         except StoreError:
             log.exception("refresh during IDLE failed")
         await self._flush()

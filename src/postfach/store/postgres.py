@@ -671,7 +671,10 @@ class PostgresStore:
             try:
                 yield conn
             except _UNAVAILABLE:
-                conn.terminate()
+                # (A proxy asyncpg has already detached says so with an InterfaceError, which
+                # would hide the real error.)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
                 raise
 
     async def _read(self, fn: Callable[[Conn], Awaitable[T]], *, snapshot: bool = False) -> T:
@@ -719,7 +722,8 @@ class PostgresStore:
                         # Nothing ran yet: a connection that died with a server restart; try another.
                         if attempt < tries - 1 and self._open:
                             log.info("store: retrying on a fresh connection: %s", exc)
-                            conn.terminate()  # the pool connects anew for the next acquire
+                            with contextlib.suppress(asyncpg.InterfaceError):
+                                conn.terminate()  # the pool connects anew for the next acquire
                             await asyncio.sleep(delay)
                             delay = min(delay * 2, 0.5)
                             continue
