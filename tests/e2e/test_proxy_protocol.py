@@ -368,6 +368,25 @@ def test_missing_header_times_out(live: LiveServer) -> None:
         _nothing_then_closed(s)
 
 
+def test_no_tls_after_header_on_implicit_port(live: LiveServer) -> None:
+    """A good header followed by plaintext on 993: the handshake fails, the connection closes, and
+    the listener goes on serving."""
+    with socket.create_connection(("127.0.0.1", port(live, "imap", "implicit"))) as s:
+        s.sendall(build_v1(CLIENT_X, ("127.0.0.1", 993)) + b"a1 LOGIN user pass\r\n")
+        _nothing_then_closed(s)
+    with relay(live, "imap", "implicit", v1(CLIENT_X)) as p:
+        imap = imaplib.IMAP4_SSL("localhost", p, ssl_context=tls_ctx(live), timeout=20)
+        assert imap.noop()[0] == "OK"
+        imap.logout()
+
+
+def test_v1_unknown_keeps_the_proxy_address(live: LiveServer) -> None:
+    with relay(live, "imap", "starttls", lambda dest: b"PROXY UNKNOWN\r\n") as p:
+        imap = imaplib.IMAP4("localhost", p, timeout=20)
+        assert "LOGINDISABLED" not in imap.capabilities  # 127.0.0.1 is in cleartext_networks
+        imap.logout()
+
+
 def test_untrusted_peer_is_refused(live: LiveServer) -> None:
     """127.0.0.2 is not in trusted_networks: even with a valid header, no greeting."""
     with socket.create_connection(("127.0.0.1", port(live, "imap", "starttls")), source_address=("127.0.0.2", 0)) as s:

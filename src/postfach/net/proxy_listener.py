@@ -177,18 +177,17 @@ class ProxyListener(asyncio.AbstractServer):
                 return self._connected(r, w, header)
 
             protocol = asyncio.StreamReaderProtocol(reader, on_stream, loop=self._loop)
-            handed_over = True  # the transport owns the socket from here on
             try:
                 await self._loop.connect_accepted_socket(
                     lambda: protocol, sock, ssl=self._ssl, ssl_handshake_timeout=self._ssl_timeout
                 )
+                handed_over = True  # the transport owns the socket now
             except (OSError, ssl.SSLError, TimeoutError) as e:
                 access.info("TLS handshake with %s via %s failed: %s", header.client_ip or peer_ip, peer_ip, e)
+        finally:
+            if not handed_over:  # (a socket the failed transport closed or detached already: a no-op)
                 with contextlib.suppress(OSError):
                     sock.close()
-        finally:
-            if not handed_over:
-                sock.close()
 
     # --- asyncio.AbstractServer --------------------------------------------------------------------
     def close(self) -> None:
