@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
 import types
 import typing
@@ -37,6 +38,15 @@ class ListenerConfig:
     def describe(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"{self.protocol} on {host}:{self.port} ({self.tls})"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Worker processes sharing the listeners and the store; 0 (or "auto"): one per CPU.
+    workers: int = 1
+
+    def worker_count(self) -> int:
+        return self.workers if self.workers > 0 else max(1, len(os.sched_getaffinity(0)))
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,7 @@ class LoggingConfig:
 class Config:
     hostname: str = "localhost"
     listeners: tuple[ListenerConfig, ...] = ()
+    server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -181,6 +192,7 @@ class Config:
 # ----------------------------------------------------------------------------------- loading
 
 _SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
     "store": StoreConfig,
     "tls": TlsConfig,
     "auth": AuthConfig,
@@ -312,6 +324,8 @@ def parse(text: str, *, where: str, data_dir: Path) -> Config:
                 listeners.append(lst)
             kwargs["listeners"] = tuple(listeners)
         elif key in _SECTIONS:
+            if key == "server" and isinstance(value, dict) and value.get("workers") == "auto":
+                value = {**value, "workers": 0}
             kwargs[key] = _build(_SECTIONS[key], value, where, key)
         else:
             raise ConfigError(f"{where}: {key}: unknown key")
@@ -410,6 +424,13 @@ def render_initial(
 
 _SECTION_DOCS: dict[str, str] = {
     "listener": "One `[[listener]]` table per port: any protocol on any port in any TLS mode.",
+    "server": (
+        'Processes. `workers` = N runs N worker processes (`"auto"` or 0: one per CPU) behind one'
+        " supervisor that accepts connections and hands each to the least busy worker; they share"
+        " the store, and changes reach IDLE sessions in every worker. Per-IP and per-account"
+        " connection caps and login throttling are counted per worker: with N workers a client"
+        " can reach up to N times those limits."
+    ),
     "store": "Where mail is kept.",
     "tls": "Certificate and key (PEM); reloaded on SIGHUP.",
     "auth": "Logins: where passwords may travel without TLS, throttling and lockout, hashing cost.",
