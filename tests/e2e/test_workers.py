@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from bench.load.server import ServerProcess
 
 PASSWORD = "workers-pass-1"
@@ -272,7 +271,7 @@ def test_sigkilled_worker_is_restarted_while_the_other_serves(server: ServerProc
     while len(_pids(server)["w1"]) == before:
         assert time.monotonic() < deadline, "worker 1 not restarted"
         time.sleep(0.1)
-    assert "worker 1 (pid %d) died (killed by signal 9)" % victim in server.log_text()
+    assert f"worker 1 (pid {victim}) died (killed by signal 9)" in server.log_text()
     again = one_per_worker(server, imap_login, port)  # both workers serve again
     for c in [*conns.values(), *again.values()]:
         c.close()
@@ -309,7 +308,7 @@ def test_workers_auto_in_config(tmp_path: Path) -> None:
     cfg = cfgmod.parse('[server]\nworkers = "auto"\n', where="t.toml", data_dir=tmp_path)
     assert cfg.server.workers == 0 and cfg.server.worker_count() >= 1
     assert cfgmod.parse("[server]\nworkers = 3\n", where="t.toml", data_dir=tmp_path).server.worker_count() == 3
-    with pytest.raises(cfgmod.ConfigError, match="server.workers"):
+    with pytest.raises(cfgmod.ConfigError, match=r"server\.workers"):
         cfgmod.parse('[server]\nworkers = "many"\n', where="t.toml", data_dir=tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "postfach", "serve", "--workers", "zero", "--data", str(tmp_path)],
