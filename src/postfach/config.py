@@ -427,9 +427,9 @@ _SECTION_DOCS: dict[str, str] = {
     "server": (
         'Processes. `workers` = N runs N worker processes (`"auto"` or 0: one per CPU) behind one'
         " supervisor that accepts connections and hands each to the least busy worker; they share"
-        " the store, and changes reach IDLE sessions in every worker. Per-IP and per-account"
-        " connection caps and login throttling are counted per worker: with N workers a client"
-        " can reach up to N times those limits."
+        " the store, and changes reach IDLE sessions in every worker. `max_connections_per_ip` is"
+        " counted over all workers (by the supervisor); `max_connections_per_account` and login"
+        " throttling/lockout are counted per worker: with N workers up to N times those limits."
     ),
     "store": "Where mail is kept.",
     "tls": "Certificate and key (PEM); reloaded on SIGHUP.",

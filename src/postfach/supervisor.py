@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import pickle
@@ -219,12 +220,12 @@ class WorkerLink:
             if fd is None:
                 return
             conn = socket.socket(fileno=fd)
-            index = int(obj[1])
+            index, cid = int(obj[1]), obj[2]
             if not self._accepting or index >= len(self._listeners):
                 conn.close()
-                self.channel.send(("closed",))
+                self.channel.send(("closed", cid))
                 return
-            task = asyncio.get_running_loop().create_task(self._serve(conn, *self._listeners[index]))
+            task = asyncio.get_running_loop().create_task(self._serve(conn, cid, *self._listeners[index]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif kind == "changes" and self._store is not None:
@@ -237,7 +238,7 @@ class WorkerLink:
             self._lost()
 
     async def _serve(
-        self, conn: socket.socket, _lst: ListenerConfig, on_connect: OnConnect, ssl_ctx: ssl.SSLContext | None
+        self, conn: socket.socket, cid: int, _lst: ListenerConfig, on_connect: OnConnect, ssl_ctx: ssl.SSLContext | None
     ) -> None:
         """What ``asyncio.start_server`` does for an accepted socket, then the listener's callback."""
         loop = asyncio.get_running_loop()
@@ -266,7 +267,7 @@ class WorkerLink:
             with contextlib.suppress(OSError):
                 conn.close()
         finally:
-            self.channel.send(("closed",))
+            self.channel.send(("closed", cid))
 
 
 def worker_main(fd: int, index: int) -> int:
@@ -331,14 +332,13 @@ class _Worker:
     proc: subprocess.Popen[bytes] | None = None
     channel: Channel | None = None
     ready: bool = False
-    active: int = 0  # connections handed over and not yet closed
+    conns: set[int] = field(default_factory=set)  # ids of connections handed over, not yet closed
     started: float = 0.0
     ever_ready: bool = False
     start_failures: int = 0
     crashes: int = 0  # consecutive, for the backoff
     restart_at: float | None = None
     pid: int = 0
-    gone: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -364,6 +364,10 @@ class Supervisor:
         self._failed: str | None = None
         self._wake = asyncio.Event()
         self._announced = False
+        # max_connections_per_ip over all workers: the supervisor sees every connection
+        self._per_ip: dict[str, int] = {}
+        self._conn_ip: dict[int, str] = {}
+        self._cids = itertools.count(1)
 
     # --- listening sockets ---------------------------------------------------------------------
     def _bind(self) -> None:
@@ -416,16 +420,47 @@ class Supervisor:
                 self._set_accepting(False)  # connections wait in the backlog for a worker
                 return
             try:
-                conn, _addr = lsock.accept()
+                conn, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: leave it in the backlog a moment
                 log.warning("accept failed: %s", exc)
                 return
-            w = min(ready, key=lambda x: (x.active, x.index))
-            w.active += 1
+            ip = str(addr[0])
+            if ip.startswith("::ffff:"):
+                ip = ip[7:]
+            if self._per_ip.get(ip, 0) >= self.config.limits.max_connections_per_ip:
+                self._refuse(conn, ip, self.listeners[index].config)
+                continue
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            cid = next(self._cids)
+            self._conn_ip[cid] = ip
+            w = min(ready, key=lambda x: (len(x.conns), x.index))
+            w.conns.add(cid)
             assert w.channel is not None
-            w.channel.send(("conn", index), conn)
+            w.channel.send(("conn", index, cid), conn)
+
+    def _refuse(self, conn: socket.socket, ip: str, lst: ListenerConfig) -> None:
+        """Over max_connections_per_ip (counted over every worker): the protocol's busy reply
+        where the connection starts in plain text, as the single process does (server.py)."""
+        from postfach.server import _BUSY
+
+        logging.getLogger("postfach.access").warning("refused %s: over max_connections_per_ip", ip)
+        if lst.tls != "implicit":
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(_BUSY[lst.protocol])
+        conn.close()
+
+    def _release(self, w: _Worker, cid: int) -> None:
+        w.conns.discard(cid)
+        ip = self._conn_ip.pop(cid, None)
+        if ip is not None:
+            n = self._per_ip.get(ip, 0) - 1
+            if n > 0:
+                self._per_ip[ip] = n
+            else:
+                self._per_ip.pop(ip, None)
 
     # --- workers -------------------------------------------------------------------------------
     def _spawn(self, w: _Worker) -> None:
@@ -439,9 +474,9 @@ class Supervisor:
         w.started = time.monotonic()
         w.ready = False
         w.ever_ready = False
-        w.active = 0
+        for cid in list(w.conns):
+            self._release(w, cid)
         w.restart_at = None
-        w.gone = asyncio.Event()
         parent.setblocking(True)
         data = pickle.dumps(self.config, protocol=pickle.HIGHEST_PROTOCOL)
         parent.sendall(_HEADER.pack(len(data)) + data)
@@ -460,7 +495,7 @@ class Supervisor:
                 self._set_accepting(True)
             self._wake.set()
         elif kind == "closed":
-            w.active = max(0, w.active - 1)
+            self._release(w, obj[1])
         elif kind == "draining":
             w.ready = False
         elif kind == "changes":
@@ -483,7 +518,8 @@ class Supervisor:
                 w.channel = None
             w.proc = None
             w.ready = False
-            w.gone.set()
+            for cid in list(w.conns):  # its connections died with it
+                self._release(w, cid)
             if self._stopping:
                 log.info("worker %d (pid %d) exited with status %s", w.index, w.pid, code)
                 continue

@@ -26,6 +26,7 @@ from bench.load.server import ServerProcess
 PASSWORD = "workers-pass-1"
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
+CAP = 16  # max_connections_per_ip
 _CONNECT = re.compile(r"\[(w\d+):\w+\] connect \w+ .* from 127\.0\.0\.1:(\d+)")
 
 
@@ -106,7 +107,7 @@ def one_per_worker(server: ServerProcess, make: type[Line] | object, port: int, 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("workers")
-    s = ServerProcess(root / "data", workers=2)
+    s = ServerProcess(root / "data", workers=2, limits={"max_connections_per_ip": CAP})
     s.init()
     s.provision([ALICE, BOB], PASSWORD)
     s.start()
@@ -114,6 +115,29 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield s
     finally:
         s.stop(30)
+
+
+def test_max_connections_per_ip_counts_over_all_workers(server: ServerProcess) -> None:
+    port = server.port("imap", "starttls")
+    held = [Line(port) for _ in range(CAP)]
+    try:
+        assert all(c.greeting.startswith(b"* OK") for c in held)
+        assert {worker_of(server, c.local_port) for c in held} == {"w0", "w1"}
+        over = Line(port)
+        assert over.greeting.startswith(b"* BYE [UNAVAILABLE]"), over.greeting
+        over.close()
+    finally:
+        for c in held:
+            c.close()
+    deadline = time.monotonic() + 10
+    while True:  # the workers report the closes; then there is room again
+        c = Line(port)
+        ok = c.greeting.startswith(b"* OK")
+        c.close()
+        if ok:
+            break
+        assert time.monotonic() < deadline, "connections never released"
+        time.sleep(0.1)
 
 
 def test_connections_land_on_both_workers(server: ServerProcess) -> None:
