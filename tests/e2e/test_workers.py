@@ -341,3 +341,58 @@ def test_workers_auto_in_config(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 2 and "workers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    import uuid
+
+    import asyncpg
+    from tests.store.storehelpers import PG_SERVER_DSN, pg_dsn, run_sync
+
+    pg_dsn()  # fails (CI) or skips loudly when PostgreSQL is unreachable
+    name = f"postfach_workers_{uuid.uuid4().hex[:10]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(PG_SERVER_DSN, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    run_sync(run(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_SERVER_DSN.rpartition("/")[0] + "/" + name
+    finally:
+        run_sync(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_postgres_store_with_two_workers_uses_its_own_notifications(tmp_path: Path, pg_database: str) -> None:
+    """With PostgreSQL the workers are not relayed (LISTEN/NOTIFY already reaches every process):
+    IDLE in each worker still hears of an APPEND through the other, once (no duplicate EXISTS)."""
+    from bench.load.server import FAST_AUTH
+
+    from postfach import cli
+
+    data = tmp_path / "data"
+    assert cli.main(["init", "--data", str(data), "--dev", "--hostname", "localhost", "--store", pg_database]) == 0
+    cfg = data / "postfach.toml"
+    text = re.sub(r"port = \d+", "port = 0", cfg.read_text()).replace("[auth]\n", "[auth]\n" + FAST_AUTH, 1)
+    cfg.write_text(text.replace("[backup]\nenabled = true", "[backup]\nenabled = false"))
+    s = ServerProcess(data, workers=2)
+    s.provision([ALICE], PASSWORD)
+    s.start()
+    try:
+        port = s.port("imap", "starttls")
+        idlers = one_per_worker(s, imap_login, port)
+        writers = one_per_worker(s, imap_login, port)
+        for c in idlers.values():
+            _idle(c)
+        _append(writers["w1"], b"Subject: pg\r\n\r\nhello\r\n")
+        assert {w: _exists_within(c, 1.0) for w, c in idlers.items()} == {"w0": 1, "w1": 1}
+        _append(writers["w0"], b"Subject: pg 2\r\n\r\nhello\r\n")
+        assert {w: _exists_within(c, 1.0) for w, c in idlers.items()} == {"w0": 2, "w1": 2}
+        for c in [*idlers.values(), *writers.values()]:
+            c.close()
+    finally:
+        assert s.stop(30) == 0
