@@ -301,6 +301,15 @@ def test_sigkilled_worker_is_restarted_while_the_other_serves(server: ServerProc
         c.close()
 
 
+def test_sighup_reaches_every_worker(server: ServerProcess) -> None:
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not all(f"[{w}:-] certificates reloaded" in server.log_text() for w in ("w0", "w1")):
+        assert time.monotonic() < deadline, "SIGHUP did not reach both workers"
+        time.sleep(0.1)
+
+
 def test_sigterm_drains_and_stops(server: ServerProcess) -> None:
     """Last in the module: SIGTERM to the supervisor; a session in progress gets its answer and
     a BYE, every process exits, status 0."""
