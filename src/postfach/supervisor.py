@@ -189,6 +189,7 @@ class WorkerLink:
         self.index = index
         self._listeners: list[tuple[ListenerConfig, OnConnect, ssl.SSLContext | None]] = []
         self._store: Any = None
+        self._ctx: Any = None
         self._handshake_timeout: float = 30.0
         self._accepting = True
         self._lost = lost
@@ -200,6 +201,11 @@ class WorkerLink:
         self._listeners.append((lst, on_connect, ssl_ctx))
 
     def attach(self, ctx: Any) -> None:
+        self._ctx = ctx
+        if self.index != 0:
+            # The queue runner lives in worker 0: mail queued here wakes it through the supervisor
+            # (else it would wait for the runner's next scan, up to 5 s).
+            ctx.services["queue"] = _RemoteQueue(self)
         self._handshake_timeout = float(ctx.config.limits.tls_handshake_timeout_seconds)
         store = ctx.store
         if hasattr(store, "set_change_relay") and hasattr(store, "inject_changes"):
@@ -230,6 +236,10 @@ class WorkerLink:
             task.add_done_callback(self._tasks.discard)
         elif kind == "changes" and self._store is not None:
             self._store.inject_changes(obj[1])
+        elif kind == "wake-queue" and self._ctx is not None:
+            queue = self._ctx.services.get("queue")
+            if queue is not None and not isinstance(queue, _RemoteQueue):
+                queue.wake()
 
     def _closed(self) -> None:
         if self._accepting:
@@ -268,6 +278,16 @@ class WorkerLink:
                 conn.close()
         finally:
             self.channel.send(("closed", cid))
+
+
+class _RemoteQueue:
+    """``ctx.services["queue"]`` in workers other than 0: only ``wake`` is called there."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self._link = link
+
+    def wake(self) -> None:
+        self._link.channel.send(("wake-queue",))
 
 
 def worker_main(fd: int, index: int) -> int:
@@ -498,6 +518,10 @@ class Supervisor:
             self._release(w, obj[1])
         elif kind == "draining":
             w.ready = False
+        elif kind == "wake-queue":
+            first = self.workers[0]
+            if first.channel is not None and not first.channel.closed:
+                first.channel.send(obj)
         elif kind == "changes":
             for other in self.workers:
                 if other is not w and other.channel is not None and not other.channel.closed:
