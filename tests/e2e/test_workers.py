@@ -405,3 +405,25 @@ def test_postgres_store_with_two_workers_uses_its_own_notifications(tmp_path: Pa
             c.close()
     finally:
         assert s.stop(30) == 0
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """No orphans: a worker that loses its supervisor drains and exits."""
+    s = ServerProcess(tmp_path / "data", workers=2)
+    s.init()
+    s.start()
+    pids = [p for got in _pids(s).values() for p in got]
+    assert len(pids) == 2
+    s.kill()  # SIGKILL to the supervisor
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{p}").exists() and "zombie" not in _state(p) for p in pids):
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.1)
+    assert s.log_text().count("lost the supervisor; stopping") == 2
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
