@@ -26,6 +26,7 @@ from bench.load.server import ServerProcess
 PASSWORD = "workers-pass-1"
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
+CAROL = "carol@example.org"
 CAP = 16  # max_connections_per_ip
 _CONNECT = re.compile(r"\[(w\d+):\w+\] connect \w+ .* from 127\.0\.0\.1:(\d+)")
 
@@ -109,7 +110,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("workers")
     s = ServerProcess(root / "data", workers=2, limits={"max_connections_per_ip": CAP})
     s.init()
-    s.provision([ALICE, BOB], PASSWORD)
+    s.provision([ALICE, BOB, CAROL], PASSWORD)
     s.start()
     try:
         yield s
@@ -214,6 +215,32 @@ def test_idle_in_each_worker_sees_append_and_smtp_through_the_other(server: Serv
             c.until(b"i OK")
     finally:
         for c in [*idlers.values(), *writers.values()]:
+            c.close()
+
+
+def test_recent_goes_to_one_session_across_workers(server: ServerProcess) -> None:
+    """RFC 3501 §2.3.2: a new message is \\Recent in one session only, whichever worker has it."""
+    port = server.port("imap", "starttls")
+    idlers = one_per_worker(server, lambda p: imap_login(p, CAROL), port)
+    writer = imap_login(port, CAROL)
+    try:
+        for c in idlers.values():
+            _idle(c)
+        recent: dict[str, int] = {}
+        for k in range(3):
+            _append(writer, b"Subject: recent %d\r\n\r\nhello\r\n" % k)
+            for w, c in idlers.items():
+                assert _exists_within(c, 5.0) == k + 1
+                ln = c.line()
+                m = re.match(rb"\* (\d+) RECENT", ln)
+                assert m, ln
+                recent[w] = int(m.group(1))
+        assert sum(recent.values()) == 3, recent  # each message \\Recent in exactly one session
+        for c in idlers.values():
+            c.send(b"DONE\r\n")
+            c.until(b"i OK")
+    finally:
+        for c in [*idlers.values(), writer]:
             c.close()
 
 
