@@ -76,6 +76,16 @@ SCRIPTS: dict[str, dict[str, tuple[str, str, float | None, str]]] = {
                                            "msgs/s", None, "min")
             for n in (1, 10, 50)
         },
+        **{
+            f"imap_scale_w2_{n}_ops_per_s": (f"IMAP mixed load, {n} clients over TLS, `serve --workers 2`", "ops/s",
+                                             2000 if n == 10 else None, "min")
+            for n in (10, 50)
+        },
+        **{
+            f"imap_scale_w2_{n}_p99_ms": (f"IMAP mixed load, {n} clients, `serve --workers 2`, p99 latency", "ms",
+                                          None, "max")
+            for n in (10, 50)
+        },
         "pop3_scale_10_sessions_per_s": ("POP3 sessions (login, UIDL, 5 RETR, QUIT), 10 clients", "sessions/s", None,
                                          "min"),
         **{
@@ -370,16 +380,25 @@ def write_notes(figures: dict[str, Any]) -> None:
         if top >= 0.9:
             lines.append("- **One process saturates:** from the knee on, the server process keeps about one core "
                          "busy: the event loop (IMAP session code, TLS, MIME sections; see the profile) runs all the "
-                         "time and more clients only queue. On a machine with more free cores, "
-                         "`serve --workers N` (processes sharing the listeners with SO_REUSEPORT, issue 7 item 4) "
-                         "is what would raise the ceiling; it is not implemented yet (measurement only, as agreed).")
+                         "time and more clients only queue; `serve --workers N` (below) spreads the sessions over "
+                         "N processes.")
         else:
             lines.append(f"- **One process does not saturate** on this machine: the server peaks at {top:.2f} of a "
                          "core while latency grows. The two cores are shared with the load generators (separate "
                          "processes doing TLS too) and, on the build machine, with other jobs, so the loop waits "
                          "for CPU and for the store's writer thread (fsync per group commit) rather than running "
-                         "flat out. `serve --workers N` would not help until one process does saturate; "
-                         "it is not implemented.")
+                         "flat out.")
+    w2 = [(n, _num(figures.get(f"imap_scale_{n}_ops_per_s")), _num(figures.get(f"imap_scale_w2_{n}_ops_per_s")),
+           _num(figures.get(f"imap_scale_w2_{n}_server_cpu"))) for n in (10, 50)]
+    w2 = [t for t in w2 if t[1] is not None and t[2] is not None]
+    if w2:
+        lines.append("- **`serve --workers 2`** (a supervisor hands each connection to the least busy of two worker "
+                     "processes; one store): " + "; ".join(
+                         f"{n} clients: {one:,.0f} ops/s with one process, {two:,.0f} with two"
+                         + (f" (server {cpu:.2f} cores)" if cpu is not None else "")
+                         for n, one, two, cpu in w2 if one is not None and two is not None)
+                     + ". The load generators run on the same two cores, so a second worker competes with "
+                     "them for CPU.")
     smtp = curve(figures, "smtp_scale_{n}_msgs_per_s", (1, 10, 50))
     if smtp[0]:
         lines.append("- **SMTP:** " + ", ".join(f"{y:,.0f} deliveries/s at {x}" for x, y in zip(*smtp, strict=True))

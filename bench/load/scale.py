@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "postfach-bench-scale")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="also measure the IMAP mixed load (10 and 50 clients) with serve --workers N (1: skip)")
     ap.add_argument("--profile-out", type=Path, default=ROOT / "bench" / "results" / "profile-imap-50.json")
     args = ap.parse_args(argv)
     quick = args.quick
@@ -340,6 +342,16 @@ def main(argv: list[str] | None = None) -> int:
         figures.update(asyncio.run(_timed_big(srv.port("imap"), cafile, sizes)))
     finally:
         srv.stop()
+    if args.workers > 1:
+        # The same load against `serve --workers N` (the load generators run on the same cores).
+        wsrv = ServerProcess(srv.data, log_level="WARNING", workers=args.workers, log_dir=srv.log_dir)
+        wsrv.starts = srv.starts  # its own log file names
+        try:
+            wsrv.start()
+            got = measure_imap("", wsrv.port("imap"), str(wsrv.cafile), USERS, PASSWORD, [10, 50], seconds, wsrv.pid)
+            figures.update({k.replace("imap_scale_", f"imap_scale_w{args.workers}_"): v for k, v in got.items()})
+        finally:
+            wsrv.stop()
     if not args.no_profile:
         figures["profile_imap_50"] = profile_run(srv, args.profile_out, seconds)
     figures["scale_quick"] = quick

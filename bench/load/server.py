@@ -77,8 +77,10 @@ class ServerProcess:
         log_level: str = "INFO",
         limits: dict[str, int] | None = None,
         log_dir: Path | None = None,
+        workers: int = 1,
     ) -> None:
         self.data = data
+        self.workers = workers  # serve --workers N (a supervisor and N worker processes)
         self.log_dir = log_dir or data.parent
         self.log_level = log_level
         self.limits = {
@@ -147,7 +149,8 @@ class ServerProcess:
         self.logs.append(log)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, *python_args, "-m", "postfach", "serve", "--data", str(self.data)],
+                [sys.executable, *python_args, "-m", "postfach", "serve", "--data", str(self.data),
+                 *(["--workers", str(self.workers)] if self.workers != 1 else [])],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env(),
@@ -230,9 +233,15 @@ def open_fds(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (for the "does one process saturate" figure)."""
+    """User + system CPU time of a process and its children (the workers of ``serve --workers N``),
+    from /proc (for the "does one process saturate" figure)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return total + sum(cpu_seconds(int(c)) for c in children if c.isdigit())

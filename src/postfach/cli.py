@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -191,8 +192,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from postfach.server import run_forever
 
     config = load_config(args)
+    workers = getattr(args, "workers", None)
+    if workers is not None:
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=workers))
     plog.setup(config.logging)
+    if config.server.worker_count() > 1:
+        from postfach.supervisor import run_supervised
+
+        return run_supervised(config)
     return run_forever(config)
+
+
+def _workers_arg(text: str) -> int:
+    if text == "auto":
+        return 0
+    if not text.isdigit() or int(text) < 1 or int(text) > 256:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (1-256) or auto")
+    return int(text)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -524,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("serve", parents=[common], help="run every listener")
+    s.add_argument(
+        "--workers",
+        type=_workers_arg,
+        metavar="N",
+        help="worker processes sharing the listeners and the store (auto: one per CPU; default: [server] workers)",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", parents=[common], help="set up a dev instance with a demo account and serve")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
 import types
 import typing
@@ -37,6 +38,15 @@ class ListenerConfig:
     def describe(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"{self.protocol} on {host}:{self.port} ({self.tls})"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Worker processes sharing the listeners and the store; 0 (or "auto"): one per CPU.
+    workers: int = 1
+
+    def worker_count(self) -> int:
+        return self.workers if self.workers > 0 else max(1, len(os.sched_getaffinity(0)))
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,7 @@ class LoggingConfig:
 class Config:
     hostname: str = "localhost"
     listeners: tuple[ListenerConfig, ...] = ()
+    server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -191,6 +202,7 @@ class Config:
 # ----------------------------------------------------------------------------------- loading
 
 _SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
     "store": StoreConfig,
     "tls": TlsConfig,
     "auth": AuthConfig,
@@ -336,6 +348,8 @@ def parse(text: str, *, where: str, data_dir: Path) -> Config:
                 listeners.append(lst)
             kwargs["listeners"] = tuple(listeners)
         elif key in _SECTIONS:
+            if key == "server" and isinstance(value, dict) and value.get("workers") == "auto":
+                value = {**value, "workers": 0}
             kwargs[key] = _build(_SECTIONS[key], value, where, key)
         else:
             raise ConfigError(f"{where}: {key}: unknown key")
@@ -437,6 +451,13 @@ _SECTION_DOCS: dict[str, str] = {
         "One `[[listener]]` table per port: any protocol on any port in any TLS mode."
         " `proxy_protocol = true`: only a load balancer from `[proxy] trusted_networks` connects, and it"
         " sends a PROXY header first (before the TLS handshake on implicit-TLS ports)."
+    ),
+    "server": (
+        'Processes. `workers` = N runs N worker processes (`"auto"` or 0: one per CPU) behind one'
+        " supervisor that accepts connections and hands each to the least busy worker; they share"
+        " the store, and changes reach IDLE sessions in every worker. `max_connections_per_ip` is"
+        " counted over all workers (by the supervisor); `max_connections_per_account` and login"
+        " throttling/lockout are counted per worker: with N workers up to N times those limits."
     ),
     "store": "Where mail is kept.",
     "tls": "Certificate and key (PEM); reloaded on SIGHUP.",

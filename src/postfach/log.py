@@ -11,10 +11,15 @@ from postfach.config import LoggingConfig
 
 connection_id: contextvars.ContextVar[str] = contextvars.ContextVar("connection_id", default="-")
 
+#: ``serve --workers N``: "w0", "w1" ... in a worker, "sup" in the supervisor; put before the
+#: connection id of every line ("[w1:imap7]"), so that a log says which process wrote it.
+process_tag = ""
+
 
 class _ConnFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.conn = connection_id.get()
+        conn = connection_id.get()
+        record.conn = f"{process_tag}:{conn}" if process_tag else conn
         return True
 
 

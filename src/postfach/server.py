@@ -80,9 +80,20 @@ class BoundListener:
 
 
 class Server:
-    def __init__(self, config: Config, *, handlers: dict[str, Handler] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        handlers: dict[str, Handler] | None = None,
+        worker: int | None = None,
+        link: Any = None,
+    ) -> None:
         self.config = config
         self._handlers = handlers
+        # ``serve --workers N``: this process's index, and its link to the supervisor, which
+        # accepts every connection and hands it over (postfach.supervisor.WorkerLink).
+        self.worker = worker
+        self._link = link
         self.listeners: list[BoundListener] = []
         self._connections: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
@@ -126,6 +137,8 @@ class Server:
                 self._install_signals(tls)
             self.ready.set()
             await self._stop.wait()
+            if self._link is not None:
+                self._link.stop_accepting()
             log.info("shutting down: finishing in-flight commands")
             ctx.shutdown.set()
             for b in self.listeners:
@@ -153,6 +166,12 @@ class Server:
         daily backup as background services (stopped in reverse order)."""
         ctx.services["dkim_signer"] = DkimSigner(ctx.config)
         ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config))
+        if self._link is not None:
+            self._link.attach(ctx)
+        if self.worker not in (None, 0):
+            # The queue (claims in memory), quota warnings (one message per crossing) and the
+            # backup run once, in worker 0; it sees every worker's changes through the link.
+            return
         services: list[tuple[str, Any]] = [("quota_warner", QuotaWarner(ctx)), ("queue", QueueRunner(ctx))]
         if ctx.config.backup.enabled:
             services.append(("backup", BackupScheduler(ctx)))
@@ -198,6 +217,16 @@ class Server:
 
         host: str | None = None if lst.address in ("", "*", "::", "0.0.0.0") else lst.address
         family = socket.AF_INET if lst.address == "0.0.0.0" else socket.AF_UNSPEC
+        if lst.proxy_protocol and self._link is not None:
+            # A worker: the supervisor accepts and hands the raw connection over; the header is
+            # read here, before TLS, as ProxyListener does.
+            from postfach.supervisor import ProxySettings
+
+            self._link.register(
+                lst, on_connect, self._implicit_context(ctx) if lst.tls == "implicit" else None,
+                ProxySettings(ctx.config.proxy.trusted_networks, ctx.config.proxy.header_timeout_seconds),
+            )
+            return
         if lst.proxy_protocol:
             # The header comes before everything, TLS included: our own accept loop reads it.
             socks = bind(host, lst.port, family, 512)
@@ -218,6 +247,9 @@ class Server:
         # Implicit TLS: asyncio does the handshake before the callback runs. (Calling start_tls in
         # the callback would race: a ClientHello that arrived first sits in the plaintext buffer.)
         ssl_ctx = self._implicit_context(ctx) if lst.tls == "implicit" else None
+        if self._link is not None:  # a worker: the supervisor accepts and hands connections over
+            self._link.register(lst, on_connect, ssl_ctx)
+            return
         server = await asyncio.start_server(
             on_connect,
             host,

@@ -14,6 +14,8 @@ FIGURES: dict[str, object] = {
     **{f"imap_scale_{n}_server_cpu": v for n, v in ((1, 0.5), (10, 0.95), (50, 0.97), (200, 1.0))},
     **{f"dovecot_imap_scale_{n}_ops_per_s": v for n, v in ((1, 800.0), (10, 2300.0), (50, 2400.0))},
     "dovecot_imap_scale_1_errors": 0,
+    "imap_scale_w2_10_ops_per_s": 1500.0,
+    "imap_scale_w2_10_server_cpu": 1.4,
     "imap_scale_1_errors": 0,
     "smtp_scale_1_msgs_per_s": 200.0,
     "smtp_scale_10_msgs_per_s": 360.0,
@@ -49,6 +51,8 @@ def test_report_has_targets_comparison_knee_and_profile(docs: Path) -> None:
     assert "_errors` |" not in text
     assert "between 1 and 10 clients" in text or "between 10 and 50 clients" in text
     assert "One process saturates" in text
+    assert "10 clients: 1,000 ops/s with one process, 1,500 with two (server 1.40 cores)" in text
+    assert "| IMAP mixed load, 10 clients over TLS, `serve --workers 2` | 1,500.0 ops/s | ≥ 2,000 ops/s |" in text
     assert "postfach.imap: 45.0 %" in text
     assert text.count("Hand-written prose.") == 1
     if (docs / "benchmarks-scale.png").exists():

@@ -1145,7 +1145,12 @@ class Session:
         if res.new and not self.rev2 and not sel.readonly and view is not None:
             # \Recent for messages arriving while selected (RFC 3501 §2.3.2): the first session of
             # this process to see them claims them, in memory (no durable write per arrival).
-            mine = [u for u in res.new_uids if u >= view.claimed_upto]
+            # With `serve --workers N` a session of another process may see them too: the claim
+            # is then the store's (one write, exact across processes).
+            floor = view.claimed_upto
+            if self.config.server.workers != 1 and any(u >= floor for u in res.new_uids):
+                floor = max(floor, await self.store.claim_recent(self.account_id, sel.mailbox_id))
+            mine = [u for u in res.new_uids if u >= floor]
             if mine:
                 sel.recent.update(mine)
                 view.claimed_upto = Uid(max(mine) + 1)

@@ -159,35 +159,11 @@ class ProxyListener(asyncio.AbstractServer):
             self._spawn(self._admit(sock, addr))
 
     async def _admit(self, sock: socket.socket, addr: Any) -> None:
-        peer_ip = plain_ip(str(addr[0]))
-        handed_over = False
-        try:
-            if not is_trusted(peer_ip, self._trusted):
-                access.warning("refused %s on %s: not in proxy.trusted_networks", peer_ip, self._name)
-                return
-            try:
-                header = await asyncio.wait_for(read_header(sock), self._timeout)
-            except (ProxyProtocolError, OSError, TimeoutError) as e:
-                reason = "no complete PROXY header in time" if isinstance(e, TimeoutError) else str(e)
-                access.warning("refused %s on %s: %s", peer_ip, self._name, reason or type(e).__name__)
-                return
-            reader = asyncio.StreamReader(limit=self._limit, loop=self._loop)
-
-            def on_stream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Awaitable[None]:
-                return self._connected(r, w, header)
-
-            protocol = asyncio.StreamReaderProtocol(reader, on_stream, loop=self._loop)
-            try:
-                await self._loop.connect_accepted_socket(
-                    lambda: protocol, sock, ssl=self._ssl, ssl_handshake_timeout=self._ssl_timeout
-                )
-                handed_over = True  # the transport owns the socket now
-            except (OSError, ssl.SSLError, TimeoutError) as e:
-                access.info("TLS handshake with %s via %s failed: %s", header.client_ip or peer_ip, peer_ip, e)
-        finally:
-            if not handed_over:  # (a socket the failed transport closed or detached already: a no-op)
-                with contextlib.suppress(OSError):
-                    sock.close()
+        await admit(
+            sock, addr, self._connected, name=self._name, trusted_networks=self._trusted,
+            header_timeout=self._timeout, ssl_context=self._ssl, ssl_handshake_timeout=self._ssl_timeout,
+            limit=self._limit,
+        )
 
     # --- asyncio.AbstractServer --------------------------------------------------------------------
     def close(self) -> None:
@@ -214,3 +190,52 @@ class ProxyListener(asyncio.AbstractServer):
 
 
 __all__ = ["Connected", "ProxyListener", "bind", "plain_ip", "read_header"]
+
+
+async def admit(
+    sock: socket.socket,
+    addr: Any,
+    connected: Connected,
+    *,
+    name: str,
+    trusted_networks: tuple[str, ...],
+    header_timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+    limit: int = 2**16,
+) -> bool:
+    """One accepted socket on a PROXY listener: refuse an untrusted peer or a bad/late header,
+    else read exactly the header, run TLS (implicit ports) and hand the stream to ``connected``.
+    True when the session was started (the transport owns the socket); else the socket is closed.
+    Used by ``ProxyListener`` and by ``serve --workers`` workers for handed-over connections."""
+    loop = asyncio.get_running_loop()
+    peer_ip = plain_ip(str(addr[0]))
+    handed_over = False
+    try:
+        if not is_trusted(peer_ip, trusted_networks):
+            access.warning("refused %s on %s: not in proxy.trusted_networks", peer_ip, name)
+            return False
+        try:
+            header = await asyncio.wait_for(read_header(sock), header_timeout)
+        except (ProxyProtocolError, OSError, TimeoutError) as e:
+            reason = "no complete PROXY header in time" if isinstance(e, TimeoutError) else str(e)
+            access.warning("refused %s on %s: %s", peer_ip, name, reason or type(e).__name__)
+            return False
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+
+        def on_stream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Awaitable[None]:
+            return connected(r, w, header)
+
+        protocol = asyncio.StreamReaderProtocol(reader, on_stream, loop=loop)
+        try:
+            await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=ssl_context, ssl_handshake_timeout=ssl_handshake_timeout
+            )
+            handed_over = True  # the transport owns the socket now
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            access.info("TLS handshake with %s via %s failed: %s", header.client_ip or peer_ip, peer_ip, e)
+        return handed_over
+    finally:
+        if not handed_over:  # (a socket the failed transport closed or detached already: a no-op)
+            with contextlib.suppress(OSError):
+                sock.close()

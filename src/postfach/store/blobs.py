@@ -19,6 +19,12 @@ All functions here are blocking: the SQLite store calls them from worker threads
 *Pins* close the one race of a shared file: a writer that found (or wrote) a file and is about to
 commit a reference to it pins the hash; the deleter removes a file only under the pin lock and only
 when nobody pins it. A writer therefore either sees the file gone (and writes it again) or keeps it.
+
+Pins hold across processes too (``serve --workers N``, the CLI beside the server): with a pin file
+(:meth:`FileBlobStore.prepare`), every pinned hash also holds a shared POSIX record lock on one
+byte of that file (the hash's slot of ``PIN_SLOTS``), and the deleter removes a file only while it
+holds the exclusive lock of the slot. Record locks belong to the process and die with it; two
+hashes that share a slot only keep a dead file a little longer.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import itertools
 import os
@@ -106,6 +113,17 @@ def is_blob_name(name: str) -> bool:
     return len(name) == 64 and set(name) <= _HEX
 
 
+#: Slots of the pin file (bytes it locks): a hash pins ``int(hash[:8], 16) % PIN_SLOTS``.
+PIN_SLOTS = 1 << 20
+
+
+def _slot(blob_id: str) -> int:
+    try:
+        return int(blob_id[:8], 16) % PIN_SLOTS
+    except ValueError:
+        return 0
+
+
 def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -133,6 +151,9 @@ class FileBlobStore:
         self.tmp = root / "tmp"
         self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Cross-process pins: the pin file and how many local pins hold each slot's shared lock.
+        self._pin_fd: int | None = None
+        self._slots: dict[int, int] = {}
         if batch_sync and _syncfs is None:
             raise StoreError("batch sync needs syncfs(2), which this platform lacks")
         self.batch_sync = (_syncfs is not None) if batch_sync is None else batch_sync
@@ -147,7 +168,7 @@ class FileBlobStore:
         self._seq = itertools.count()
 
     # --- setup ------------------------------------------------------------------------------------
-    def prepare(self, *, clean_tmp: bool) -> None:
+    def prepare(self, *, clean_tmp: bool, pin_file: Path | None = None) -> None:
         """Create the folders; with ``clean_tmp`` (only when no other process has the store open)
         empty ``tmp/`` (a spare folder for tools; blob temp files live beside their final names
         and are removed by the store's crash recovery)."""
@@ -159,6 +180,8 @@ class FileBlobStore:
                     p.unlink(missing_ok=True)
             if self._root_fd is None:
                 self._root_fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            if pin_file is not None and self._pin_fd is None:
+                self._pin_fd = os.open(pin_file, os.O_RDWR | os.O_CREAT, 0o640)
         except OSError as exc:
             raise os_error(exc, f"blob folder {self.root}") from exc
 
@@ -166,6 +189,10 @@ class FileBlobStore:
         if self._root_fd is not None:
             os.close(self._root_fd)
             self._root_fd = None
+        if self._pin_fd is not None:
+            os.close(self._pin_fd)  # releases every record lock of this process on the file
+            self._pin_fd = None
+            self._slots.clear()
 
     def barrier(self) -> None:
         """Make every blob file written (and renamed) so far durable. A no-op with per-file sync.
@@ -200,14 +227,30 @@ class FileBlobStore:
     def pin(self, blob_id: str) -> None:
         with self._lock:
             self._pins[blob_id] = self._pins.get(blob_id, 0) + 1
+            if self._pin_fd is not None:
+                slot = _slot(blob_id)
+                held = self._slots.get(slot, 0)
+                if held == 0:
+                    # Waits only while another process removes a file of this slot (one unlink).
+                    fcntl.lockf(self._pin_fd, fcntl.LOCK_SH, 1, slot)
+                self._slots[slot] = held + 1
 
     def unpin(self, blob_id: str) -> None:
         with self._lock:
             n = self._pins.get(blob_id, 0) - 1
             if n <= 0:
-                self._pins.pop(blob_id, None)
+                if self._pins.pop(blob_id, None) is None:
+                    return
             else:
                 self._pins[blob_id] = n
+            if self._pin_fd is not None:
+                slot = _slot(blob_id)
+                held = self._slots.get(slot, 0) - 1
+                if held <= 0:
+                    self._slots.pop(slot, None)
+                    fcntl.lockf(self._pin_fd, fcntl.LOCK_UN, 1, slot)
+                else:
+                    self._slots[slot] = held
 
     def pinned(self, blob_id: str) -> bool:
         with self._lock:
@@ -342,8 +385,19 @@ class FileBlobStore:
         with self._lock:
             if blob_id in self._pins:
                 return False
+            slot = _slot(blob_id)
+            if self._pin_fd is not None:
+                try:
+                    fcntl.lockf(self._pin_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+                except OSError:
+                    return False  # pinned by another process (or a neighbour in the slot): keep it
             try:
                 self.path_for(blob_id).unlink(missing_ok=True)
             except OSError:
                 return False  # left as an orphan; check() reports it, recovery removes it
+            finally:
+                if self._pin_fd is not None:
+                    # Back to what this process holds: shared if a local pin shares the slot.
+                    mode = fcntl.LOCK_SH if self._slots.get(slot) else fcntl.LOCK_UN
+                    fcntl.lockf(self._pin_fd, mode, 1, slot)
             return True

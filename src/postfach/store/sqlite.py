@@ -301,14 +301,33 @@ class _Blob:
 
 
 class _MaildropLock:
+    """One POP3 session per maildrop (RFC 1939 §8): in this process a set, across processes
+    (``serve --workers N``, another server on the same store) an flock on ``locks/maildrop-<id>``
+    that dies with its process, so a killed worker never leaves a maildrop locked."""
+
     def __init__(self, store: SqliteStore, account_id: AccountId) -> None:
         self._store = store
         self._account_id = account_id
         self._held = False
+        self._fd: int | None = None
 
     async def __aenter__(self) -> None:
         if self._account_id in self._store._maildrop_locks:
             raise MailboxInUse("the maildrop is locked by another session")
+        path = self._store.path / "locks" / f"maildrop-{int(self._account_id)}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        except FileNotFoundError:
+            path.parent.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise os_error(exc, "maildrop lock file") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise MailboxInUse("the maildrop is locked by another session") from None
+        self._fd = fd
         self._store._maildrop_locks.add(self._account_id)
         self._held = True
 
@@ -316,6 +335,9 @@ class _MaildropLock:
         if self._held:
             self._held = False
             self._store._maildrop_locks.discard(self._account_id)
+            if self._fd is not None:
+                os.close(self._fd)  # releases the flock
+                self._fd = None
 
 
 class _FileBlobReader:
@@ -468,6 +490,15 @@ class SqliteStore:
         self._gc_lock = threading.Lock()
         self._gc_paused = 0
         self._gc_deferred: set[str] = set()
+        # Cross-process GC pause (``gc.lock``): a pause holds a shared flock on one descriptor;
+        # removal first probes for an exclusive one on another (flocks of two descriptors
+        # conflict even within one process).
+        self._gc_pause_fd: int | None = None
+        self._gc_probe_fd: int | None = None
+        self._write_lock_fd: int | None = None  # write.lock (see _begin), writer thread only
+        self._write_locked = False
+        # ``serve --workers N``: where committed changes go for the other processes (set_change_relay).
+        self._relay: Callable[[list[Change]], None] | None = None
         self._open = False
         self.schema_version = 0
         self._blob_insert_sql = ""
@@ -528,7 +559,10 @@ class SqliteStore:
                 conn.close()
                 raise
             self._wconn = conn
-            self._blobs.prepare(clean_tmp=exclusive)
+            self._blobs.prepare(clean_tmp=exclusive, pin_file=self.path / "pins")
+            self._gc_pause_fd = os.open(self.path / "gc.lock", os.O_RDWR | os.O_CREAT, 0o640)
+            self._gc_probe_fd = os.open(self.path / "gc.lock", os.O_RDWR)
+            self._write_lock_fd = os.open(self.path / "write.lock", os.O_RDWR | os.O_CREAT, 0o640)
             dirty = self.path / "dirty"
             if exclusive:
                 if dirty.exists():
@@ -544,6 +578,7 @@ class SqliteStore:
                 self._wconn.close()
                 self._wconn = None
             self._blobs.close()
+            self._close_gc_fds()
             os.close(self._lock_fd)
             self._lock_fd = None
             if isinstance(exc, (sqlite3.Error, OSError)):
@@ -605,18 +640,43 @@ class SqliteStore:
                 pass
             os.close(self._lock_fd)
             self._lock_fd = None
+        self._close_gc_fds()
         for subs in self._subs.values():
             for s in subs:
                 s._closed = True
         self._subs.clear()
 
+    def _close_gc_fds(self) -> None:
+        for fd in (self._gc_pause_fd, self._gc_probe_fd, self._write_lock_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._gc_pause_fd = self._gc_probe_fd = self._write_lock_fd = None
+
+    def _gc_paused_elsewhere(self) -> bool:
+        """Another process (a worker's backup, ``postfach backup``) pauses blob removal. Called
+        under ``_gc_lock`` with no local pause: the probe is released at once, which is enough —
+        a pause that starts after it copies a database that no longer names our dead blobs."""
+        fd = self._gc_probe_fd
+        if fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+
     @contextlib.contextmanager
     def blob_gc_paused(self) -> Iterator[None]:
         """While held (from any thread), blob files whose last reference went are kept: a backup
         that copied the database can then hard-link every file its copy names. Removal catches
-        up when the last holder leaves. Not part of the Store protocol (SQLite layout only)."""
+        up when the last holder leaves. Holds in every process that has the store open (a shared
+        flock on ``gc.lock``). Not part of the Store protocol (SQLite layout only)."""
         with self._gc_lock:
             self._gc_paused += 1
+            if self._gc_paused == 1 and self._gc_pause_fd is not None:
+                fcntl.flock(self._gc_pause_fd, fcntl.LOCK_SH)
         try:
             yield
         finally:
@@ -624,6 +684,9 @@ class SqliteStore:
                 self._gc_paused -= 1
                 deferred: set[str] = set()
                 if self._gc_paused == 0:
+                    if self._gc_pause_fd is not None:
+                        with contextlib.suppress(OSError):
+                            fcntl.flock(self._gc_pause_fd, fcntl.LOCK_UN)
                     deferred, self._gc_deferred = self._gc_deferred, set()
             if deferred:
                 if self._open:
@@ -804,13 +867,33 @@ class SqliteStore:
                     break
                 batch.append(nxt)
             try:
-                self._run_batch(batch)
+                try:
+                    self._run_batch(batch)
+                finally:
+                    self._end_write_lock()
             except BaseException:  # never let the writer die silently
                 log.exception("store writer: batch failed unexpectedly")
                 if self._wconn is not None and self._wconn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         self._wconn.execute("ROLLBACK")
                 self._finish([(r, False, StoreError("internal store error"), None) for r in batch])
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, after taking ``write.lock``: when several processes write (``serve
+        --workers N``, the CLI beside the server), a waiting writer is woken by the kernel the
+        moment the other one is done, where SQLite's busy handler would sleep 1, 2, 5, 10 ...
+        ms between attempts. Released after the batch (``_end_write_lock``)."""
+        fd = self._write_lock_fd
+        if fd is not None and not self._write_locked:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._write_locked = True
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _end_write_lock(self) -> None:
+        if self._write_locked:
+            self._write_locked = False
+            if self._write_lock_fd is not None:
+                fcntl.flock(self._write_lock_fd, fcntl.LOCK_UN)
 
     def _run_batch(self, batch: list[_WriteRequest]) -> None:
         conn = self._wconn
@@ -838,7 +921,7 @@ class SqliteStore:
         if self._run_fast(conn, batch, outcomes):
             return
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
         except sqlite3.Error as exc:
             err = _translate(exc)
             self._finish(outcomes + [(r, False, err, None) for r in batch])
@@ -896,7 +979,7 @@ class SqliteStore:
         (requests are pure functions of the database, so running one twice is harmless). True
         when the batch is finished."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
         except sqlite3.Error as exc:
             err = _translate(exc)
             self._finish(outcomes + [(r, False, err, None) for r in batch])
@@ -1081,9 +1164,12 @@ class SqliteStore:
 
     def _remove_dead(self, candidates: set[str]) -> None:
         with self._gc_lock:
-            if self._gc_paused:
+            if self._gc_paused or self._gc_paused_elsewhere():
                 self._gc_deferred |= candidates
                 return
+            if self._gc_deferred:  # left by another process's pause: try them again now
+                candidates = candidates | self._gc_deferred
+                self._gc_deferred = set()
         conn = self._wconn
         assert conn is not None
         for blob_id in candidates:
@@ -1095,12 +1181,12 @@ class SqliteStore:
                 self._blobs.remove_if_unpinned(blob_id)
 
     def _resolve(self, results: list[tuple[asyncio.Future[Any] | None, bool, Any]], changes: list[Change]) -> None:
-        watchers = self._subs.get(ALL_ACCOUNTS, ())
-        for ch in changes:
-            for sub in list(self._subs.get(ch.account_id, ())):
-                sub._put(ch)
-            for sub in list(watchers):
-                sub._put(ch)
+        self._publish(changes)
+        if changes and self._relay is not None:
+            try:
+                self._relay(changes)
+            except Exception:
+                log.exception("store: relaying changes to the other workers failed")
         for fut, ok, value in results:
             if fut is None or fut.done():
                 continue
@@ -1108,6 +1194,23 @@ class SqliteStore:
                 fut.set_result(value)
             else:
                 fut.set_exception(value if isinstance(value, BaseException) else StoreError("write failed"))
+
+    def set_change_relay(self, relay: Callable[[list[Change]], None] | None) -> None:
+        """``serve --workers N``: ``relay`` gets every batch of changes committed by this process
+        (on the event loop), for the other processes' feeds. Not part of the Store protocol."""
+        self._relay = relay
+
+    def inject_changes(self, changes: Sequence[Change]) -> None:
+        """Changes another process committed: to this process's subscribers (event loop only)."""
+        self._publish(changes)
+
+    def _publish(self, changes: Sequence[Change]) -> None:
+        watchers = self._subs.get(ALL_ACCOUNTS, ())
+        for ch in changes:
+            for sub in list(self._subs.get(ch.account_id, ())):
+                sub._put(ch)
+            for sub in list(watchers):
+                sub._put(ch)
 
     # --------------------------------------------------------------------------------- ingest
     def _ingest_one(self, data: bytes) -> _Blob:

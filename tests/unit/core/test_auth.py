@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from postfach.store.sqlite import SqliteStore
 from tests.conftest import FAST_AUTH
 
 from postfach.auth import Authenticator, AuthOutcome
 from postfach.auth.sasl import Credentials
+from postfach.store.sqlite import SqliteStore
 
 CFG = replace(
     FAST_AUTH,
