@@ -33,6 +33,8 @@ from postfach.errors import (
     StoreUnavailable,
 )
 from postfach.imap import commands as c
+from postfach.imap import metadata as md
+from postfach.imap import multisearch as msearch
 from postfach.imap import responses as r
 from postfach.imap import sortthread as st
 from postfach.imap.cache import (
@@ -274,7 +276,7 @@ class Session:
             "BINARY", "WITHIN", "CONDSTORE", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE",
             "QUOTA=RES-MESSAGE", "SORT", "SORT=DISPLAY", "ESORT", "THREAD=ORDEREDSUBJECT",
             "THREAD=REFERENCES", "SEARCHRES", "PARTIAL", "OBJECTID", "PREVIEW", "SAVEDATE",
-            "UTF8=ACCEPT", "REPLACE", "NOTIFY",
+            "UTF8=ACCEPT", "REPLACE", "NOTIFY", "METADATA", "METADATA-SERVER", "MULTISEARCH",
         ]
         if not self.compressed:
             caps.append("COMPRESS=DEFLATE")
@@ -1907,9 +1909,11 @@ class Session:
                                              for a in key.args))
         return key
 
-    async def _search_matches(self, key: c.SearchKey) -> list[tuple[int, Uid]]:
-        """(seq, uid) of the selected messages matching ``key``, ascending."""
-        sel = self.sel
+    async def _search_matches(self, key: c.SearchKey,
+                              sel: SelectedMailbox | None = None) -> list[tuple[int, Uid]]:
+        """(seq, uid) of the messages matching ``key``, ascending: of the selected mailbox, or of
+        ``sel`` (another mailbox's read-only view, for MULTISEARCH in imap/multisearch.py)."""
+        sel = self.sel if sel is None else sel
         if key.op == "ALL":
             return [(i, u) for i, u in enumerate(sel.uids, 1)]
         needs = _search_needs(key)
@@ -2056,6 +2060,9 @@ _HANDLERS: dict[type[c.Command], Callable[[Session, Any], Awaitable[Next | None]
     c.GetQuota: Session._getquota,
     c.GetQuotaRoot: Session._getquotaroot,
     c.SetQuota: Session._setquota,
+    c.GetMetadata: md.getmetadata,
+    c.SetMetadata: md.setmetadata,
+    c.ESearch: msearch.esearch,
 }
 
 
