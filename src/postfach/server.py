@@ -32,6 +32,7 @@ from postfach.queue.scheduler import QueueRunner
 from postfach.quota import QuotaWarner
 from postfach.smtp.inbound_checks import InboundChecker
 from postfach.store import open_store
+from postfach.store.history import ExpungeHistoryTrimmer
 
 log = logging.getLogger("postfach.server")
 access = logging.getLogger("postfach.access")
@@ -147,11 +148,12 @@ class Server:
             loop.add_signal_handler(signal.SIGHUP, tls.reload)
 
     async def _start_services(self, ctx: ServerContext) -> None:
-        """DKIM signing and inbound checks for SMTP; quota warnings, the outbound queue and the
-        daily backup as background services (stopped in reverse order)."""
+        """DKIM signing and inbound checks for SMTP; quota warnings, the outbound queue, the
+        expunge-history trimming and the daily backup as background services (stopped in reverse order)."""
         ctx.services["dkim_signer"] = DkimSigner(ctx.config)
         ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config))
-        services: list[tuple[str, Any]] = [("quota_warner", QuotaWarner(ctx)), ("queue", QueueRunner(ctx))]
+        services: list[tuple[str, Any]] = [("quota_warner", QuotaWarner(ctx)), ("queue", QueueRunner(ctx)),
+                                           ("expunge_history", ExpungeHistoryTrimmer(ctx))]
         if ctx.config.backup.enabled:
             services.append(("backup", BackupScheduler(ctx)))
         for key, svc in services:

@@ -678,7 +678,11 @@ class Session:
             since = view.modseq
             ask = min(since, ModSeq(q.modseq)) if q is not None and q.uidvalidity == view.uidvalidity else since
             changes = await self.store.mailbox_changes(self.account_id, mailbox_id, ask)
+            full = await self._trimmed_history(changes, since, view.uids)
             if view.modseq == since:  # nobody applied a newer state meanwhile
+                if full is not changes:
+                    view.apply(full)
+                    return changes.mailbox
                 view.apply(changes)
                 if ask != since:
                     self._qr_changes = (ask, changes)
@@ -1124,6 +1128,7 @@ class Session:
             self._deselect()
             self.state = State.LOGOUT
             raise MailboxGone() from None
+        changes = await self._trimmed_history(changes, sel.modseq, sel.uids)
         res = sel.apply(changes, allow_expunge=allow_expunge, rev1=not self.rev2, silent_uids=silent)
         view = self._view
         if res.new and not self.rev2 and not sel.readonly and view is not None:
@@ -1139,6 +1144,19 @@ class Session:
             await self._send(b"* %d RECENT\r\n" % sel.recent_count())
 
     # ------------------------------------------------------------------------ QRESYNC (RFC 7162)
+    async def _trimmed_history(self, changes: MailboxChanges, since: ModSeq,
+                               known: Sequence[Uid]) -> MailboxChanges:
+        """``changes`` itself, or, when the expunge history after ``since`` was trimmed
+        (store/history.py), the same with the expunges worked out from the mailbox's contents:
+        every UID of ``known`` that is no longer there."""
+        if since >= changes.history_floor:
+            return changes
+        metas = await self.store.list_messages(self.account_id, changes.mailbox.id)
+        present = {m.uid for m in metas}
+        top = changes.mailbox.highestmodseq
+        return MailboxChanges(changes.mailbox, tuple(m for m in metas if since < m.modseq <= top),
+                              tuple(u for u in known if u not in present), changes.history_floor)
+
     async def _history_complete(self, mailbox_id: MailboxId, since: ModSeq) -> bool:
         """Whether the store still has every expunge after ``since``. A store that trims its
         expunge history (config.imap.expunge_history_days) says up to which modseq it dropped

@@ -37,6 +37,9 @@ DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
 
 SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 
+#: ``MailboxChanges.history_floor`` of a mailbox whose expunge history was never trimmed.
+NO_FLOOR = ModSeq(0)
+
 #: ``BlobReader.wire`` bits, learned at ingest: every LF of the message follows a CR ...
 WIRE_CRLF_ONLY = 1
 #: ... and no line starts with "." — with both, the bytes go out as a POP3 multi-line body as they are.
@@ -150,6 +153,9 @@ class MailboxChanges:
     mailbox: Mailbox
     changed: tuple[MessageMeta, ...]  # appended or flag-changed with modseq > since, by uid
     expunged: tuple[Uid, ...]  # expunged with modseq > since, ascending
+    #: The mailbox's expunge-history floor (``expunge_history_floor``). When ``since`` is below it,
+    #: ``expunged`` lacks the trimmed records: the caller compares what it knows with the mailbox.
+    history_floor: ModSeq = NO_FLOOR
 
 
 class ChangeKind(enum.Enum):

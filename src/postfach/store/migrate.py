@@ -150,7 +150,7 @@ def _neutral_from_sqlite(col: str, value: Any) -> Any:
         return bool(value)
     if col == "flags":
         return sorted(str(value).split())
-    if col in ("info", "value"):
+    if col == "info":
         return bytes(value)
     return value
 
@@ -170,7 +170,7 @@ def _sqlite_from_neutral(col: str, value: Any) -> Any:
 def _neutral_from_pg(col: str, value: Any) -> Any:
     if col == "flags" and value is not None:
         return sorted(value)
-    if col in ("info", "value") and value is not None:
+    if col == "info" and value is not None:
         return bytes(value)
     return value
 

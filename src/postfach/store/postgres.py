@@ -1620,7 +1620,11 @@ class PostgresStore:
     async def mailbox_changes(self, account_id: AccountId, mailbox_id: MailboxId, since: ModSeq) -> MailboxChanges:
         async def fn(conn: Conn) -> MailboxChanges:
             r = await conn.fetchrow(
-                f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = $1 AND m.id = $2", account_id, mailbox_id
+                f"SELECT {_MAILBOX_COLS},"
+                " coalesce((SELECT f.modseq FROM expunge_floor f WHERE f.mailbox_id = m.id), 0) AS floor"
+                " FROM mailbox m WHERE m.account_id = $1 AND m.id = $2",
+                account_id,
+                mailbox_id,
             )
             if r is None:
                 raise NotFound("no such mailbox")
@@ -1633,7 +1637,10 @@ class PostgresStore:
                 "SELECT uid FROM expunged WHERE mailbox_id = $1 AND modseq > $2 ORDER BY uid", mailbox_id, since
             )
             return MailboxChanges(
-                _mailbox(r), tuple(_meta(x) for x in changed), tuple(Uid(int(x["uid"])) for x in expunged)
+                _mailbox(r),
+                tuple(_meta(x) for x in changed),
+                tuple(Uid(int(x["uid"])) for x in expunged),
+                ModSeq(int(r["floor"])),
             )
 
         return await self._read(fn, snapshot=True)
@@ -2134,20 +2141,23 @@ class PostgresStore:
                 cutoff,
             ):
                 mid, ms = int(r["mailbox_id"]), int(r["ms"])
-                n = await conn.fetchval(
-                    "WITH d AS (DELETE FROM expunged WHERE mailbox_id = $1 AND modseq <= $2 RETURNING 1)"
-                    " SELECT count(*) FROM d",
+                await conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = $1 AND modseq <= $2", mid, ms)
+                # The floor is the highest modseq really dropped: above it the history is whole.
+                d = await conn.fetchrow(
+                    "WITH d AS (DELETE FROM expunged WHERE mailbox_id = $1 AND modseq <= $2 RETURNING modseq)"
+                    " SELECT count(*) AS n, max(modseq) AS top FROM d",
                     mid,
                     ms,
                 )
-                gone += int(n)
+                if d is None or d["top"] is None:
+                    continue
+                gone += int(d["n"])
                 await conn.execute(
                     "INSERT INTO expunge_floor (mailbox_id, modseq) VALUES ($1, $2) ON CONFLICT (mailbox_id)"
                     " DO UPDATE SET modseq = greatest(expunge_floor.modseq, EXCLUDED.modseq)",
                     mid,
-                    ms,
+                    int(d["top"]),
                 )
-                await conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = $1 AND modseq <= $2", mid, ms)
             await conn.execute(
                 "INSERT INTO expunge_mark (mailbox_id, modseq, marked)"
                 " SELECT m.id, m.highestmodseq, $1 FROM mailbox m"

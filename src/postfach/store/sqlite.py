@@ -1875,7 +1875,9 @@ class SqliteStore:
     async def mailbox_changes(self, account_id: AccountId, mailbox_id: MailboxId, since: ModSeq) -> MailboxChanges:
         def fn(conn: sqlite3.Connection) -> MailboxChanges:
             r = conn.execute(
-                f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = ? AND m.id = ?",
+                f"SELECT {_MAILBOX_COLS},"
+                " coalesce((SELECT f.modseq FROM expunge_floor f WHERE f.mailbox_id = m.id), 0) AS floor"
+                " FROM mailbox m WHERE m.account_id = ? AND m.id = ?",
                 (account_id, mailbox_id),
             ).fetchone()
             if r is None:
@@ -1900,7 +1902,7 @@ class SqliteStore:
                     (mailbox_id, since),
                 )
             )
-            return MailboxChanges(_mailbox(r), tuple(changed), tuple(expunged))
+            return MailboxChanges(_mailbox(r), tuple(changed), tuple(expunged), ModSeq(int(r["floor"])))
 
         return await self._read(fn)
 
@@ -2357,15 +2359,21 @@ class SqliteStore:
             for mid, ms in conn.execute(
                 "SELECT mailbox_id, max(modseq) FROM expunge_mark WHERE marked <= ? GROUP BY mailbox_id", (cutoff,)
             ).fetchall():
+                conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = ? AND modseq <= ?", (mid, ms))
+                # The floor is the highest modseq really dropped: above it the history is whole.
+                top = conn.execute(
+                    "SELECT max(modseq) FROM expunged WHERE mailbox_id = ? AND modseq <= ?", (mid, ms)
+                ).fetchone()[0]
+                if top is None:
+                    continue
                 gone += conn.execute(
                     "DELETE FROM expunged WHERE mailbox_id = ? AND modseq <= ?", (mid, ms)
                 ).rowcount
                 conn.execute(
                     "INSERT INTO expunge_floor (mailbox_id, modseq) VALUES (?, ?)"
                     " ON CONFLICT (mailbox_id) DO UPDATE SET modseq = max(modseq, excluded.modseq)",
-                    (mid, ms),
+                    (mid, top),
                 )
-                conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = ? AND modseq <= ?", (mid, ms))
             # New checkpoints where the mailbox moved on and its last checkpoint is old enough.
             conn.execute(
                 "INSERT OR IGNORE INTO expunge_mark (mailbox_id, modseq, marked)"
