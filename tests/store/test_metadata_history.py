@@ -125,3 +125,30 @@ async def test_expunge_history_is_trimmed_to_a_floor(store: Store) -> None:
     assert await store.expunge_history_floor(acct, box.id) > 0
     await store.delete_mailbox(acct, box.id)
     assert await store.expunge_history_floor(acct, box.id) == 0
+
+
+@pytest.mark.asyncio
+async def test_sweeper_service(store: Store) -> None:
+    """``serve``'s sweeper: off with 0 days; else it sweeps at start and then periodically."""
+    from types import SimpleNamespace
+
+    from postfach.config import ImapConfig
+    from postfach.store.history import ExpungeHistoryTrimmer, sweep_params
+
+    assert sweep_params(365, 60) == (timedelta(days=365), timedelta(days=365) / 100)
+    assert sweep_params(1, 60) == (timedelta(days=1), timedelta(minutes=60))
+    acct, inbox = await account_with_inbox(store)
+    await store.append(acct, inbox, msg(1))
+    off = ExpungeHistoryTrimmer(SimpleNamespace(store=store, config=SimpleNamespace(  # type: ignore[arg-type]
+        imap=ImapConfig(expunge_history_days=0))))
+    await off.start()
+    assert off._task is None
+    on = ExpungeHistoryTrimmer(SimpleNamespace(store=store, config=SimpleNamespace(  # type: ignore[arg-type]
+        imap=ImapConfig(expunge_history_days=1))))
+    await on.start()
+    try:
+        assert on._task is not None
+        assert await on.sweep() == 0  # nothing is a day old
+    finally:
+        await on.stop()
+    assert on._task is None
