@@ -103,7 +103,16 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class ImapConfig:
     max_append_bytes: int = 50 * MiB  # APPENDLIMIT
+    # QRESYNC expunge records older than this are trimmed (RFC 7162 §3.2.5.2; a client that was
+    # away longer resynchronises from the UIDs it knows); 0 keeps them forever.
     expunge_history_days: int = 365
+    expunge_history_sweep_minutes: int = 60  # how often the server looks for records to trim
+    # METADATA (RFC 5464): the largest entry value, the entries per mailbox (and of the server
+    # entries), and the entries of one account in all; RFC 5464 §4.1 asks for at least 1024 / 10.
+    metadata_max_entry_bytes: int = 64 * KiB
+    metadata_max_mailbox_entries: int = 100
+    metadata_max_account_entries: int = 1000
+    metadata_server_admin: str = ""  # the read-only server entry /shared/admin (a mailto: or tel: URI)
 
 
 @dataclass(frozen=True)
@@ -320,6 +329,13 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: limits.imap_idle_timeout_seconds: must be at least 1800 (RFC 9051 §5.4)")
     if cfg.limits.pop3_idle_timeout_seconds < 600:
         raise ConfigError(f"{where}: limits.pop3_idle_timeout_seconds: must be at least 600 (RFC 1939 §3)")
+    im = cfg.imap
+    if im.expunge_history_days < 0 or im.expunge_history_sweep_minutes < 1:
+        raise ConfigError(f"{where}: imap.expunge_history_*: days must be >= 0 and sweep_minutes >= 1")
+    if im.metadata_max_entry_bytes < 1024 or im.metadata_max_mailbox_entries < 10:
+        raise ConfigError(f"{where}: imap.metadata_max_*: RFC 5464 §4.1 asks for at least 1024 bytes and 10 entries")
+    if im.metadata_max_account_entries < im.metadata_max_mailbox_entries:
+        raise ConfigError(f"{where}: imap.metadata_max_account_entries: below metadata_max_mailbox_entries")
     if cfg.store.backend == "postgres" and not cfg.store.dsn:
         raise ConfigError(f'{where}: store.dsn: required when store.backend is "postgres"')
     hh, _, mm = cfg.backup.time_of_day.partition(":")

@@ -39,6 +39,11 @@ class QuotaExceeded(StoreError):
         self.resource = resource
 
 
+class TooManyEntries(StoreError):
+    """A metadata write would take a mailbox (or the server entries) or the account over its
+    entry limit (IMAP answers NO [METADATA TOOMANY], RFC 5464 §4.3)."""
+
+
 class NotPermitted(StoreError):
     """The operation is not allowed on this object (e.g. deleting INBOX)."""
 

@@ -34,6 +34,7 @@ from postfach.queue.scheduler import QueueRunner
 from postfach.quota import QuotaWarner
 from postfach.smtp.inbound_checks import InboundChecker
 from postfach.store import open_store
+from postfach.store.history import ExpungeHistoryTrimmer
 
 log = logging.getLogger("postfach.server")
 access = logging.getLogger("postfach.access")
@@ -162,17 +163,19 @@ class Server:
             loop.add_signal_handler(signal.SIGHUP, tls.reload)
 
     async def _start_services(self, ctx: ServerContext) -> None:
-        """DKIM signing and inbound checks for SMTP; quota warnings, the outbound queue and the
-        daily backup as background services (stopped in reverse order)."""
+        """DKIM signing and inbound checks for SMTP; quota warnings, the outbound queue, the
+        expunge-history trimming and the daily backup as background services (stopped in reverse order)."""
         ctx.services["dkim_signer"] = DkimSigner(ctx.config)
         ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config))
         if self._link is not None:
             self._link.attach(ctx)
         if self.worker not in (None, 0):
-            # The queue (claims in memory), quota warnings (one message per crossing) and the
-            # backup run once, in worker 0; it sees every worker's changes through the link.
+            # The queue (claims in memory), quota warnings (one message per crossing), the
+            # expunge-history sweep and the backup run once, in worker 0; it sees every
+            # worker's changes through the link.
             return
-        services: list[tuple[str, Any]] = [("quota_warner", QuotaWarner(ctx)), ("queue", QueueRunner(ctx))]
+        services: list[tuple[str, Any]] = [("quota_warner", QuotaWarner(ctx)), ("queue", QueueRunner(ctx)),
+                                           ("expunge_history", ExpungeHistoryTrimmer(ctx))]
         if ctx.config.backup.enabled:
             services.append(("backup", BackupScheduler(ctx)))
         for key, svc in services:

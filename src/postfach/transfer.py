@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import email.utils
 import hashlib
 import imaplib
@@ -46,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from postfach.backup import Progress
-from postfach.config import Config
-from postfach.errors import AlreadyExists, PostfachError, QuotaExceeded, UsageError
+from postfach.config import Config, ImapConfig
+from postfach.errors import AlreadyExists, NotFound, PostfachError, QuotaExceeded, TooManyEntries, UsageError
 from postfach.imap import utf7
 from postfach.store.base import Mailbox, Store
 from postfach.types import AccountId, MailboxId
@@ -270,7 +272,63 @@ async def export_maildir(
     (dest / "subscriptions").write_text(
         "".join(maildir_dirname(s)[1:] + "\n" for s in subs if s != "INBOX"), "utf-8"
     )
+    await _export_metadata(store, account_id, boxes, dest)
     return report
+
+
+METADATA_FILE = "postfach-metadata.json"
+
+
+async def _export_metadata(store: Store, account_id: AccountId, boxes: Sequence[Mailbox], dest: Path) -> None:
+    """IMAP METADATA entries (RFC 5464) beside the Maildir, for ``import`` to put back: a JSON
+    list of {"mailbox": name ("" = server), "entry": name, "value" or "base64": the octets}."""
+    out: list[dict[str, str]] = []
+    for name, mid in [("", None)] + [(mb.name, MailboxId(mb.id)) for mb in sorted(boxes, key=lambda b: b.name)]:
+        for entry, value in sorted((await store.get_metadata(account_id, mid)).items()):
+            item = {"mailbox": name, "entry": entry}
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            if text is not None and "\x00" not in text:
+                item["value"] = text
+            else:
+                item["base64"] = base64.b64encode(value).decode("ascii")
+            out.append(item)
+    if out:
+        (dest / METADATA_FILE).write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", "utf-8")
+
+
+async def _import_metadata(target: _Target, root: Path, folder: str | None) -> None:
+    path = root / METADATA_FILE
+    if not path.is_file():
+        return
+    report = target.report
+    try:
+        items = json.loads(path.read_text("utf-8"))
+        if not isinstance(items, list):
+            raise ValueError("not a list")
+        entries: dict[str, dict[str, bytes]] = {}
+        for it in items:
+            raw = it["value"].encode("utf-8") if "value" in it else base64.b64decode(it["base64"], validate=True)
+            entries.setdefault(str(it["mailbox"]), {})[str(it["entry"]).lower()] = raw
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        report.problems.append(f"{path}: unreadable METADATA entries ({exc}), skipped")
+        return
+    lim = ImapConfig()
+    for name, values in entries.items():
+        mid: MailboxId | None = None
+        if name:
+            dest = name if folder is None else (folder if name == "INBOX" else f"{folder}/{name}")
+            mid, _ = await target.folder(dest)
+        try:
+            await target.store.set_metadata(
+                target.account_id, mid, values,
+                max_mailbox_entries=lim.metadata_max_mailbox_entries,
+                max_account_entries=lim.metadata_max_account_entries,
+            )
+        except (TooManyEntries, NotFound) as exc:
+            report.problems.append(f"METADATA of {name or 'the server'}: not imported ({exc})")
 
 
 def _maildir_folders(root: Path) -> list[tuple[str, Path]]:
@@ -367,6 +425,7 @@ async def import_maildir(
             progress(i + 1, len(files))
     for b in batchers.values():
         await b.flush()
+    await _import_metadata(target, root, folder)
     return report
 
 

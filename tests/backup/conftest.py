@@ -67,7 +67,7 @@ class Env:
             conn.close()
 
 
-async def populate(store: SqliteStore) -> None:
+async def populate(store: SqliteStore, *, metadata: bool = True) -> None:
     await store.add_domain("example.org")
     user = await store.create_account(USER, HASH_USER)
     other = await store.create_account(OTHER, HASH_OTHER)
@@ -84,6 +84,10 @@ async def populate(store: SqliteStore) -> None:
         await store.append(aid, MailboxId(sent.id), message(i, tag="sent"), frozenset({"\\Seen", "\\Answered"}),
                            base - timedelta(days=i))
     await store.append(aid, MailboxId(child.id), message(1, size=3000, tag="old"), frozenset({"\\Flagged"}), base)
+    if metadata:  # METADATA entries (RFC 5464, schema version 5) travel too
+        lim = {"max_mailbox_entries": 10, "max_account_entries": 20}
+        await store.set_metadata(aid, MailboxId(child.id), {"/private/comment": b"old", "/shared/x": b"\x00"}, **lim)
+        await store.set_metadata(aid, None, {"/shared/comment": b"server"}, **lim)
     oinbox = await store.get_mailbox(AccountId(other.id), "INBOX")
     assert oinbox is not None
     for i in range(5):

@@ -47,7 +47,7 @@ def snapshot_ids(env: Env) -> list[str]:
 
 def mail_state(db: Path) -> dict[str, Any]:
     """Everything a client can observe of every account: mailboxes with UIDVALIDITY/UIDNEXT/modseq,
-    messages with UID, blob, flags, modseq, INTERNALDATE; password hashes."""
+    messages with UID, blob, flags, modseq, INTERNALDATE; password hashes; METADATA entries."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         accounts = {r[0]: r[1] for r in conn.execute("SELECT address, password_hash FROM account")}
@@ -62,6 +62,11 @@ def mail_state(db: Path) -> dict[str, Any]:
             ).fetchall()
             state["mailboxes"][f"{addr}:{name}"] = {"uidvalidity": uv, "uidnext": un, "highestmodseq": hms,
                                                     "messages": [tuple(m) for m in msgs]}
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "metadata" in tables and conn.execute("SELECT 1 FROM metadata").fetchone():
+            state["metadata"] = sorted(conn.execute(
+                "SELECT a.address, coalesce(m.name, ''), d.name, d.value FROM metadata d"
+                " JOIN account a ON a.id = d.account_id LEFT JOIN mailbox m ON m.id = d.mailbox_id").fetchall())
         return state
     finally:
         conn.close()
@@ -622,7 +627,7 @@ def test_replace_from_a_snapshot_older_than_the_store_schema(tmp_path: Path) -> 
         s = SqliteStore(sdir, migrations=load_migrations()[:1])
         await s.open()
         try:
-            await populate(s)
+            await populate(s, metadata=False)
         finally:
             await s.close()
 

@@ -1,6 +1,7 @@
 """CONDSTORE/QRESYNC (RFC 7162) beyond the transcripts: a property test that a QRESYNC SELECT
-from any stale state yields exactly the current state (with full and with trimmed expunge
-history), and Thunderbird-style (CONDSTORE) / iOS-style (QRESYNC) resyncs over real TLS."""
+from any stale state yields exactly the current state (with full history, with a floor claimed at
+random, and with the history really trimmed by the store's sweep; UID FETCH CHANGEDSINCE ...
+VANISHED too), and Thunderbird-style (CONDSTORE) / iOS-style (QRESYNC) resyncs over real TLS."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import imaplib
 import random
 import re
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -82,9 +84,12 @@ async def _login(env_peer: Peer) -> Client:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("trimmed", [False, True], ids=["history", "trimmed"])
-async def test_qresync_from_any_stale_state_gives_the_current_state(tmp_path: Path, trimmed: bool) -> None:
+@pytest.mark.parametrize("mode", ["history", "trimmed", "swept"])
+async def test_qresync_from_any_stale_state_gives_the_current_state(tmp_path: Path, mode: str) -> None:
+    """``trimmed``: the store claims a floor at random; ``swept``: the store's own sweep
+    (trim_expunge_history with no retention) really drops expunge records between operations."""
     env = await make_env(tmp_path)
+    trimmed, swept = mode == "trimmed", mode == "swept"
     if trimmed:
         await env.store.close()
         store = TrimmedStore(tmp_path / "store")
@@ -92,7 +97,8 @@ async def test_qresync_from_any_stale_state_gives_the_current_state(tmp_path: Pa
         env.ctx.store = store
         env.ctx.auth = Authenticator(store, FAST_AUTH)
         env.store = store
-    rng = random.Random(7162 + trimmed)
+    rng = random.Random(7162 + trimmed + 2 * swept)
+    floors: list[int] = []
     try:
         writers = [await _login(Peer(env, "127.0.0.1", True)) for _ in range(3)]
         for w in writers:
@@ -123,6 +129,12 @@ async def test_qresync_from_any_stale_state_gives_the_current_state(tmp_path: Pa
                 else:
                     await w.cmd(f"UID MOVE {rng.choice(uids)} Archive")
                 await rng.choice(writers).cmd("NOOP")
+                if swept and rng.random() < 0.4:
+                    await env.store.trim_expunge_history(timedelta(0), timedelta(0))
+            if swept:
+                mb = await env.store.get_mailbox(env.account_id, "INBOX")
+                assert mb is not None
+                floors.append(int(await env.store.expunge_history_floor(env.account_id, mb.id)))
             if trimmed:
                 assert isinstance(env.store, TrimmedStore)
                 env.store.floor = rng.choice([0, stale_modseq + 1, 10**9])
@@ -158,12 +170,27 @@ async def test_qresync_from_any_stale_state_gives_the_current_state(tmp_path: Pa
                 for u in list(truth):
                     if u > known_top and u not in stale:
                         cache.setdefault(u, truth[u])
-            assert cache == truth, (args, lines)
+            assert cache == truth, (args, [x for x in lines if not x.startswith(b"* OK")], floors)
             assert exists == len(truth)
             assert highest == true_modseq
+            # The same stale cache brought up to date by UID FETCH CHANGEDSINCE ... VANISHED
+            # (§3.2.6) on the now current session.
+            if stale:
+                lines = await reader.cmd(f"UID FETCH 1:{max(stale)} (FLAGS) (CHANGEDSINCE {stale_modseq} VANISHED)")
+                cache = dict(stale)
+                for line in lines:
+                    if line.startswith(b"* VANISHED (EARLIER) "):
+                        for u in expand(line[len(b"* VANISHED (EARLIER) "):]):
+                            cache.pop(u, None)
+                    elif (m := FETCH_RX.match(line)) is not None:
+                        cache[int(m.group(2))] = frozenset(m.group(3).decode().split()) - {"\\Recent"}
+                want = {u: f for u, f in truth.items() if u <= max(stale)}
+                assert cache == want, lines
             await reader.peer.session.close()
         for w in writers:
             await w.peer.session.close()
+        if swept:
+            assert floors and max(floors) > 0, floors  # the sweep really trimmed
     finally:
         await env.store.close()
 

@@ -5,6 +5,7 @@ Format (one item per line; lines starting with '#' are comments, blank lines are
   @tls                         the connection is TLS-protected (default: plaintext on 143)
   @message <mailbox> <i> [flags...]   append imap_helpers.message(i) through the store
   @config limits.<key> = <int> configuration override (before the first C line)
+  @config imap.<key> = <int|"text">  the same for [imap]
   @quota <bytes> <messages>    the account's quota
   C<k>: <line>                 session k receives the line (CRLF appended; literals count it)
   S<k>: <line>                 the next line session k sent; {{regex}} holes
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imap_helpers import Env, conninfo, make_env, message
 
+from postfach.config import ImapConfig
 from postfach.imap.receiver import NeedContinuation, NeedData, Receiver, Rejected, Request
 from postfach.imap.session import Next, Session
 
@@ -106,6 +109,7 @@ async def play(path: Path, tmp_path: Path) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()  # noqa: ASYNC240 - a small test file
     remote, tls = "127.0.0.1", False
     limits: dict[str, int] = {}
+    imap: dict[str, int | str] = {}
     setup: list[list[str]] = []
     quota: tuple[int, ...] | None = None
     for line in lines:
@@ -116,11 +120,15 @@ async def play(path: Path, tmp_path: Path) -> None:
         elif line.startswith("@config limits."):
             key, _, value = line[len("@config limits."):].partition("=")
             limits[key.strip()] = int(value)
+        elif line.startswith("@config imap."):
+            key, _, value = line[len("@config imap."):].partition("=")
+            value = value.strip()
+            imap[key.strip()] = value.strip('"') if value.startswith('"') else int(value)
         elif line.startswith("@message "):
             setup.append(line.split()[1:])
         elif line.startswith("@quota "):
             quota = tuple(int(x) for x in line.split()[1:3])
-    env = await make_env(tmp_path, limits=limits)
+    env = await make_env(tmp_path, limits=limits, imap=replace(ImapConfig(), **imap))
     try:
         if quota is not None:
             await env.store.set_quota(env.account_id, quota[0], quota[1])

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,15 @@ async def fill(store: Store) -> None:
     await store.append(a.id, inbox.id, msg(99, int(CHUNK_BYTES * 2.3), tag="big"), frozenset({"\\Flagged"}))
     await store.store_flags(a.id, inbox.id, [r[1].uid, r[2].uid], FlagOp.ADD, frozenset({"\\Deleted", "Work"}))
     await store.expunge(a.id, inbox.id)
+    await store.trim_expunge_history(timedelta(days=365), timedelta(0))  # a checkpoint ...
+    await store.trim_expunge_history(timedelta(0), timedelta(0))  # ... and the history up to it trimmed
     await store.copy_messages(a.id, inbox.id, [r[3].uid, r[4].uid], work.id)
     await store.move_messages(a.id, inbox.id, [r[5].uid], work.id)
     await store.claim_recent(a.id, inbox.id)
+    lim = {"max_mailbox_entries": 10, "max_account_entries": 20}
+    await store.set_metadata(a.id, work.id, {"/private/comment": "ä".encode(), "/shared/v": b"\x00\xff"}, **lim)
+    await store.set_metadata(a.id, None, {"/shared/comment": b"server entry"}, **lim)
+    await store.trim_expunge_history(timedelta(days=365), timedelta(0))  # a checkpoint kept
     binbox = await store.get_mailbox(b.id, "INBOX")
     assert binbox is not None
     await store.append(b.id, binbox.id, msg(0, tag="mig"))  # the same bytes as alice's: one blob
@@ -109,11 +115,13 @@ async def state(store: Store) -> dict[str, Any]:
     for acct in out["accounts"]:
         boxes = await store.list_mailboxes(acct.id)
         out[f"subs {acct.address}"] = await store.list_subscriptions(acct.id)
+        out[f"server metadata {acct.address}"] = await store.get_metadata(acct.id, None)
         for mb in boxes:
             metas = await store.list_messages(acct.id, mb.id)
             ch = await store.mailbox_changes(acct.id, mb.id, 0)  # type: ignore[arg-type]
             st = await store.mailbox_status(acct.id, mb.id)
-            out[f"box {acct.address} {mb.name}"] = (mb, metas, ch.expunged, st)
+            out[f"box {acct.address} {mb.name}"] = (mb, metas, ch.expunged, ch.history_floor, st)
+            out[f"metadata {acct.address} {mb.name}"] = await store.get_metadata(acct.id, mb.id)
             out[f"bytes {acct.address} {mb.name}"] = [
                 hashlib.sha256(await store.read_message(acct.id, mb.id, m.uid)).hexdigest() for m in metas
             ]
@@ -165,8 +173,8 @@ def test_round_trip_sqlite_postgres_sqlite(tmp_path: Path, fresh_db: str) -> Non
             got = await state(back)
             for key, value in before.items():
                 if key.startswith("box alice@example.com INBOX"):
-                    mb, metas, _exp, _st = value
-                    bmb, bmetas, _bexp, _bst = got[key]
+                    mb, metas, _exp, _floor, _st = value
+                    bmb, bmetas, _bexp, _bfloor, _bst = got[key]
                     assert (bmb.uidvalidity, bmetas) == (mb.uidvalidity, metas)
                     assert bmb.uidnext == mb.uidnext + 1
                 else:

@@ -292,3 +292,44 @@ def test_imap_import_from_second_postfach(env: Env, tmp_path: Path, monkeypatch:
         assert env.run("import", COPY, "--imap", url, "--password-stdin", "--cafile", str(live.cafile)) == 1
     finally:
         stop_live_server(live, thread)
+
+
+def _metadata(env: Env, address: str,
+              entries: dict[str, dict[str, bytes]] | None = None) -> dict[str, dict[str, bytes]]:
+    """Set (when given) and read every METADATA entry of the account: mailbox ("" = server) -> entries."""
+
+    async def run() -> dict[str, dict[str, bytes]]:
+        s = env.store()
+        await s.open()
+        try:
+            acct = await s.get_account(address)
+            assert acct is not None
+            aid = AccountId(acct.id)
+            boxes = {mb.name: MailboxId(mb.id) for mb in await s.list_mailboxes(aid)}
+            for name, values in (entries or {}).items():
+                await s.set_metadata(aid, boxes[name] if name else None, values,
+                                     max_mailbox_entries=10, max_account_entries=10)
+            out = {"": await s.get_metadata(aid, None)}
+            for name, mid in boxes.items():
+                out[name] = await s.get_metadata(aid, mid)
+            return {k: v for k, v in out.items() if v}
+        finally:
+            await s.close()
+
+    return asyncio.run(run())
+
+
+def test_maildir_export_import_carries_metadata(env: Env, tmp_path: Path) -> None:
+    """IMAP METADATA entries (RFC 5464) travel in postfach-metadata.json beside the Maildir."""
+    want = {"": {"/shared/comment": "Server ü".encode()},
+            "Archive/2025": {"/private/comment": b"old mail", "/private/vendor/x.example/bin": b"\x00\xff"}}
+    have = _metadata(env, USER, want)
+    assert all(have[k].items() >= v.items() for k, v in want.items())
+    out = tmp_path / "md"
+    assert env.run("export", USER, "--format", "maildir", str(out)) == 0
+    assert (out / transfer.METADATA_FILE).is_file()
+    add_account(env, COPY)
+    assert env.run("import", COPY, "--format", "maildir", str(out)) == 0
+    assert _metadata(env, COPY) == have
+    (out / transfer.METADATA_FILE).write_text("[{\"mailbox\": 1}]")
+    assert env.run("import", COPY, "--format", "maildir", str(out)) == 1  # a problem reported, not a crash

@@ -321,6 +321,38 @@ class Thread(Selected):
 
 
 @dataclass(frozen=True, slots=True)
+class GetMetadata(Authenticated):
+    """GETMETADATA [options] mailbox entries (RFC 5464 §4.2); mailbox "" = server entries.
+    ``depth``: "0", "1" or "INFINITY". Entry names as sent (checked by imap/metadata.py)."""
+
+    mailbox: str
+    entries: tuple[str, ...]
+    maxsize: int | None = None
+    depth: str = "0"
+
+
+@dataclass(frozen=True, slots=True)
+class SetMetadata(Authenticated):
+    """SETMETADATA mailbox (entry value ...) (RFC 5464 §4.3); value None (NIL) removes."""
+
+    mailbox: str
+    entries: tuple[tuple[str, bytes | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ESearch(Authenticated):
+    """ESEARCH [IN (source-mbox)] [RETURN (...)] [CHARSET x] program (RFC 7377 §2). ``sources``:
+    (filter, mailboxes) pairs with filter SELECTED, INBOXES, PERSONAL, SUBSCRIBED, SUBTREE,
+    SUBTREE-ONE or MAILBOXES; empty = SELECTED (§2.2). Always by UID (§2.1)."""
+
+    key: SearchKey
+    sources: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    charset: str | None = None
+    return_opts: tuple[str, ...] | None = None
+    partial: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GetQuota(Authenticated):
     root: str
 

@@ -496,6 +496,12 @@ def _dispatch(p: _P, name: str) -> c.Command:
             return _sort(p, uid=False)
         case "THREAD":
             return _thread(p, uid=False)
+        case "GETMETADATA":
+            return _getmetadata(p)
+        case "SETMETADATA":
+            return _setmetadata(p)
+        case "ESEARCH":
+            return _esearch(p)
         case "GETQUOTA":
             p.sp()
             return c.GetQuota(tag, p.astring())
@@ -872,6 +878,147 @@ def _search(p: _P, uid: bool) -> c.Search:
         p.sp()
     key = _search_program(p)
     return c.Search(p.tag, key, uid=uid, charset=charset, return_opts=return_opts, partial=partial)
+
+
+_ESEARCH_FILTERS = frozenset({"SELECTED", "INBOXES", "PERSONAL", "SUBSCRIBED", "SUBTREE", "SUBTREE-ONE",
+                              "MAILBOXES"})
+
+
+def _esearch(p: _P) -> c.ESearch:
+    """ESEARCH [IN (source-mbox)] [RETURN (...)] [CHARSET x] search-program (RFC 7377 §4)."""
+    sources: list[tuple[str, tuple[str, ...]]] = []
+    p.sp()
+    if p.try_ci(b"IN "):
+        p.open_paren()
+        while True:
+            filt = p.atom("a mailbox filter").upper()
+            if filt not in _ESEARCH_FILTERS:  # §2.2: SELECTED-DELAYED is not valid here
+                raise p.fail(f"unknown source option {filt[:40]}")
+            boxes: list[str] = []
+            if filt in ("SUBTREE", "SUBTREE-ONE", "MAILBOXES"):
+                p.sp()
+                if p.peek() == 0x28:
+                    p.open_paren()
+                    while True:
+                        boxes.append(p.mailbox())
+                        if p.try_(b")"):
+                            break
+                        p.sp()
+                    p.depth -= 1
+                else:
+                    boxes.append(p.mailbox())
+            sources.append((filt, tuple(boxes)))
+            if p.try_(b")"):
+                break
+            p.sp()
+            if p.peek() == 0x28:
+                raise p.fail("unknown scope option")  # §4: none are defined
+        p.depth -= 1
+        p.sp()
+    return_opts: tuple[str, ...] | None = None
+    partial: tuple[int, int] | None = None
+    if p.try_ci(b"RETURN "):
+        p.open_paren()
+        opts: list[str] = []
+        while not p.try_(b")"):
+            if opts:
+                p.sp()
+            opt, rng = _return_opt(p)
+            if rng is not None:
+                partial = rng
+            opts.append(opt)
+        p.depth -= 1
+        return_opts = tuple(opts)
+        p.sp()
+    charset: str | None = None
+    if p.try_ci(b"CHARSET "):
+        charset = p.astring().upper()
+        p.sp()
+    key = _search_program(p)
+    return c.ESearch(p.tag, key, tuple(sources), charset, return_opts, partial)
+
+
+def _metadata_entry(p: _P) -> str:
+    raw = p.astring_bytes()
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise p.fail("entry names are ASCII (RFC 5464 §3.2)") from None
+
+
+def _getmetadata(p: _P) -> c.GetMetadata:
+    """GETMETADATA [(options)] mailbox entries (RFC 5464 §5); the options are also taken after
+    the mailbox, as in the RFC's own examples (§4.2.1) and as Dovecot does."""
+    maxsize: int | None = None
+    depth = "0"
+    seen: set[str] = set()
+
+    def options() -> None:
+        nonlocal maxsize, depth
+        p.open_paren()
+        while True:
+            opt = p.atom("a GETMETADATA option").upper()
+            if opt in seen:
+                raise p.fail(f"{opt} given twice")
+            seen.add(opt)
+            p.sp()
+            if opt == "MAXSIZE":
+                maxsize = p.number()
+            elif opt == "DEPTH":
+                d = p.atom("0, 1 or infinity").upper()
+                if d not in ("0", "1", "INFINITY"):
+                    raise p.fail("DEPTH is 0, 1 or infinity")
+                depth = d
+            else:
+                raise p.fail(f"unknown GETMETADATA option {opt[:40]}")
+            if p.try_(b")"):
+                break
+            p.sp()
+        p.depth -= 1
+
+    p.sp()
+    if p.peek() == 0x28:
+        options()
+        p.sp()
+    mbox = p.mailbox()
+    p.sp()
+    if p.peek() == 0x28 and not seen and re.match(rb"\((?i:MAXSIZE|DEPTH) ", p.data[p.pos : p.pos + 10]):
+        options()
+        p.sp()
+    entries: list[str] = []
+    if p.peek() == 0x28:
+        p.open_paren()
+        while True:
+            entries.append(_metadata_entry(p))
+            if p.try_(b")"):
+                break
+            p.sp()
+        p.depth -= 1
+    else:
+        entries.append(_metadata_entry(p))
+        while not p.at_end():  # §4.4.1's examples list several entries without parentheses
+            p.sp()
+            entries.append(_metadata_entry(p))
+    return c.GetMetadata(p.tag, mbox, tuple(entries), maxsize, depth)
+
+
+def _setmetadata(p: _P) -> c.SetMetadata:
+    """SETMETADATA mailbox (entry value ...) with value = nstring / literal8 (RFC 5464 §5)."""
+    p.sp()
+    mbox = p.mailbox()
+    p.sp()
+    p.open_paren()
+    entries: list[tuple[str, bytes | None]] = []
+    while True:
+        name = _metadata_entry(p)
+        p.sp()
+        value = None if p.try_ci(b"NIL") else p.string()
+        entries.append((name, value))
+        if p.try_(b")"):
+            break
+        p.sp()
+    p.depth -= 1
+    return c.SetMetadata(p.tag, mbox, tuple(entries))
 
 
 def _return_opt(p: _P) -> tuple[str, tuple[int, int] | None]:

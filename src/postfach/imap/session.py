@@ -33,6 +33,8 @@ from postfach.errors import (
     StoreUnavailable,
 )
 from postfach.imap import commands as c
+from postfach.imap import metadata as md
+from postfach.imap import multisearch as msearch
 from postfach.imap import responses as r
 from postfach.imap import sortthread as st
 from postfach.imap.cache import (
@@ -276,7 +278,7 @@ class Session:
             "BINARY", "WITHIN", "CONDSTORE", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE",
             "QUOTA=RES-MESSAGE", "SORT", "SORT=DISPLAY", "ESORT", "THREAD=ORDEREDSUBJECT",
             "THREAD=REFERENCES", "SEARCHRES", "PARTIAL", "OBJECTID", "PREVIEW", "SAVEDATE",
-            "UTF8=ACCEPT", "REPLACE", "NOTIFY",
+            "UTF8=ACCEPT", "REPLACE", "NOTIFY", "METADATA", "METADATA-SERVER", "MULTISEARCH",
         ]
         if not self.compressed:
             caps.append("COMPRESS=DEFLATE")
@@ -683,7 +685,11 @@ class Session:
             since = view.modseq
             ask = min(since, ModSeq(q.modseq)) if q is not None and q.uidvalidity == view.uidvalidity else since
             changes = await self.store.mailbox_changes(self.account_id, mailbox_id, ask)
+            full = await self._trimmed_history(changes, since, view.uids)
             if view.modseq == since:  # nobody applied a newer state meanwhile
+                if full is not changes:
+                    view.apply(full)
+                    return changes.mailbox
                 view.apply(changes)
                 if ask != since:
                     self._qr_changes = (ask, changes)
@@ -1140,6 +1146,7 @@ class Session:
             self._deselect()
             self.state = State.LOGOUT
             raise MailboxGone() from None
+        changes = await self._trimmed_history(changes, sel.modseq, sel.uids)
         res = sel.apply(changes, allow_expunge=allow_expunge, rev1=not self.rev2, silent_uids=silent)
         view = self._view
         if res.new and not self.rev2 and not sel.readonly and view is not None:
@@ -1160,6 +1167,19 @@ class Session:
             await self._send(b"* %d RECENT\r\n" % sel.recent_count())
 
     # ------------------------------------------------------------------------ QRESYNC (RFC 7162)
+    async def _trimmed_history(self, changes: MailboxChanges, since: ModSeq,
+                               known: Sequence[Uid]) -> MailboxChanges:
+        """``changes`` itself, or, when the expunge history after ``since`` was trimmed
+        (store/history.py), the same with the expunges worked out from the mailbox's contents:
+        every UID of ``known`` that is no longer there."""
+        if since >= changes.history_floor:
+            return changes
+        metas = await self.store.list_messages(self.account_id, changes.mailbox.id)
+        present = {m.uid for m in metas}
+        top = changes.mailbox.highestmodseq
+        return MailboxChanges(changes.mailbox, tuple(m for m in metas if since < m.modseq <= top),
+                              tuple(u for u in known if u not in present), changes.history_floor)
+
     async def _history_complete(self, mailbox_id: MailboxId, since: ModSeq) -> bool:
         """Whether the store still has every expunge after ``since``. A store that trims its
         expunge history (config.imap.expunge_history_days) says up to which modseq it dropped
@@ -1930,9 +1950,11 @@ class Session:
                                              for a in key.args))
         return key
 
-    async def _search_matches(self, key: c.SearchKey) -> list[tuple[int, Uid]]:
-        """(seq, uid) of the selected messages matching ``key``, ascending."""
-        sel = self.sel
+    async def _search_matches(self, key: c.SearchKey,
+                              sel: SelectedMailbox | None = None) -> list[tuple[int, Uid]]:
+        """(seq, uid) of the messages matching ``key``, ascending: of the selected mailbox, or of
+        ``sel`` (another mailbox's read-only view, for MULTISEARCH in imap/multisearch.py)."""
+        sel = self.sel if sel is None else sel
         if key.op == "ALL":
             return [(i, u) for i, u in enumerate(sel.uids, 1)]
         needs = _search_needs(key)
@@ -2079,6 +2101,9 @@ _HANDLERS: dict[type[c.Command], Callable[[Session, Any], Awaitable[Next | None]
     c.GetQuota: Session._getquota,
     c.GetQuotaRoot: Session._getquotaroot,
     c.SetQuota: Session._setquota,
+    c.GetMetadata: md.getmetadata,
+    c.SetMetadata: md.setmetadata,
+    c.ESearch: msearch.esearch,
 }
 
 

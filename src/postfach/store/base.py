@@ -12,9 +12,9 @@ Flags are kept as one set of strings: system flags with their backslash (``\\See
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
@@ -36,6 +36,9 @@ DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
 )
 
 SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+
+#: ``MailboxChanges.history_floor`` of a mailbox whose expunge history was never trimmed.
+NO_FLOOR = ModSeq(0)
 
 #: ``BlobReader.wire`` bits, learned at ingest: every LF of the message follows a CR ...
 WIRE_CRLF_ONLY = 1
@@ -150,6 +153,9 @@ class MailboxChanges:
     mailbox: Mailbox
     changed: tuple[MessageMeta, ...]  # appended or flag-changed with modseq > since, by uid
     expunged: tuple[Uid, ...]  # expunged with modseq > since, ascending
+    #: The mailbox's expunge-history floor (``expunge_history_floor``). When ``since`` is below it,
+    #: ``expunged`` lacks the trimmed records: the caller compares what it knows with the mailbox.
+    history_floor: ModSeq = NO_FLOOR
 
 
 class ChangeKind(enum.Enum):
@@ -443,6 +449,40 @@ class Store(Protocol):
         """Makes one item (or all) due now; returns how many."""
 
     async def queue_delete(self, queue_id: QueueId) -> None: ...
+
+    # --- IMAP METADATA (RFC 5464) ------------------------------------------------------------------
+    async def get_metadata(self, account_id: AccountId, mailbox_id: MailboxId | None) -> dict[str, bytes]:
+        """Every entry of the mailbox (``None``: the account's server entries), name -> value.
+        Names are stored in lower case (§3.2: entry names are case-insensitive). Entries are kept
+        per account, /shared ones too (no mailbox is shared between accounts). NotFound when the
+        mailbox does not exist."""
+
+    async def set_metadata(
+        self,
+        account_id: AccountId,
+        mailbox_id: MailboxId | None,
+        entries: Mapping[str, bytes | None],
+        *,
+        max_mailbox_entries: int,
+        max_account_entries: int,
+    ) -> None:
+        """Sets (bytes) and removes (``None``) entries of a mailbox (``None``: server entries) in
+        one transaction, all or nothing (§4.3). TooManyEntries when afterwards the mailbox (or the
+        server entries) would hold more than ``max_mailbox_entries`` or the account more than
+        ``max_account_entries`` entries; a write that does not add entries never fails so.
+        NotFound when the mailbox is gone. Entries follow RENAME (by mailbox id; renaming INBOX
+        copies them, §4.1) and go with DELETE and with the account."""
+
+    # --- expunge history (RFC 7162 §3.2.5.2) -------------------------------------------------------
+    async def expunge_history_floor(self, account_id: AccountId, mailbox_id: MailboxId) -> ModSeq:
+        """The highest modseq up to which expunge records of the mailbox were trimmed (0: none);
+        ``mailbox_changes(since)`` is complete only for ``since >= floor``."""
+
+    async def trim_expunge_history(self, keep: timedelta, mark_every: timedelta) -> int:
+        """One sweep of every mailbox: expunge records older than ``keep`` are dropped (the
+        mailbox's floor rises to their highest modseq) and a checkpoint (HIGHESTMODSEQ, now) is
+        taken where the last one is older than ``mark_every`` (the sweep's time resolution: a
+        record lives between ``keep`` and ``keep + mark_every``). Returns the records dropped."""
 
     # --- maintenance ------------------------------------------------------------------------------
     async def check(self) -> list[Problem]:

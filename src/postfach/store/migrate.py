@@ -3,8 +3,8 @@
 Everything travels as it is: account and mailbox ids, UIDVALIDITY, UIDs, uidnext, modseqs and the
 expunge log (so IMAP clients resynchronise with CONDSTORE/QRESYNC instead of downloading again),
 flags, internal and save dates, POP3 UIDLs (they are made of UIDVALIDITY and UID), password hashes,
-quotas and usage, aliases, subscriptions, \\Recent state and the outbound queue; message bytes are
-copied and their sha256 verified on the way.
+quotas and usage, aliases, subscriptions, \\Recent state, IMAP METADATA entries and the outbound
+queue; message bytes are copied and their sha256 verified on the way.
 
 The source is read in one consistent snapshot (one SQLite read transaction; one PostgreSQL
 REPEATABLE READ transaction), the target written in one transaction, so a failed copy leaves the
@@ -69,6 +69,9 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("mailbox_id", "uid", "blob_id", "size", "internaldate", "savedate", "flags", "seen", "deleted", "modseq"),
     ),
     ("expunged", ("mailbox_id", "uid", "modseq")),
+    ("expunge_mark", ("mailbox_id", "modseq", "marked")),
+    ("expunge_floor", ("mailbox_id", "modseq")),
+    ("metadata", ("account_id", "mailbox_id", "name", "value")),
     (
         "queue",
         (
@@ -90,7 +93,7 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("queue_recipient", ("queue_id", "idx", "address", "state", "attempts", "last_error", "notify", "orcpt")),
 )
-_TIME_COLS = frozenset({"created", "internaldate", "savedate", "next_attempt"})
+_TIME_COLS = frozenset({"created", "internaldate", "savedate", "next_attempt", "marked"})
 _BOOL_COLS = frozenset({"disabled", "seen", "deleted", "requiretls", "smtputf8", "delay_warned"})
 _IDENTITY_TABLES = ("account", "mailbox", "queue")
 

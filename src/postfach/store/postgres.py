@@ -40,9 +40,9 @@ import random
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +58,7 @@ from postfach.errors import (
     StorageFull,
     StoreError,
     StoreUnavailable,
+    TooManyEntries,
 )
 from postfach.store.base import (
     ALL_ACCOUNTS,
@@ -851,6 +852,17 @@ class PostgresStore:
         return {AccountId(r["id"]) for r in rows}
 
     @staticmethod
+    async def _drop_mailbox_rows(conn: Conn, account_id: AccountId, mailbox_ids: Sequence[int]) -> None:
+        """The rows that live and die with a mailbox: expunge history and METADATA entries."""
+        ids = [int(m) for m in mailbox_ids]
+        await conn.execute("DELETE FROM expunged WHERE mailbox_id = ANY($1::bigint[])", ids)
+        await conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = ANY($1::bigint[])", ids)
+        await conn.execute("DELETE FROM expunge_floor WHERE mailbox_id = ANY($1::bigint[])", ids)
+        await conn.execute(
+            "DELETE FROM metadata WHERE account_id = $1 AND mailbox_id = ANY($2::bigint[])", account_id, ids
+        )
+
+    @staticmethod
     async def _mailbox_row(conn: Conn, account_id: AccountId, mailbox_id: MailboxId, *, lock: bool = False) -> Row:
         row = await conn.fetchrow(
             "SELECT id, name, uidvalidity, uidnext, highestmodseq, recent_uid FROM mailbox"
@@ -1217,7 +1229,8 @@ class PostgresStore:
                 counts[r["blob_id"]] += int(r["n"])
             mids = [r["id"] for r in await conn.fetch("SELECT id FROM mailbox WHERE account_id = $1", account_id)]
             await conn.execute("DELETE FROM message WHERE mailbox_id = ANY($1::bigint[])", mids)
-            await conn.execute("DELETE FROM expunged WHERE mailbox_id = ANY($1::bigint[])", mids)
+            await self._drop_mailbox_rows(conn, account_id, mids)
+            await conn.execute("DELETE FROM metadata WHERE account_id = $1", account_id)
             await conn.execute("DELETE FROM mailbox WHERE account_id = $1", account_id)
             await conn.execute("DELETE FROM subscription WHERE account_id = $1", account_id)
             await conn.execute("DELETE FROM account WHERE id = $1", account_id)
@@ -1323,7 +1336,7 @@ class PostgresStore:
                 raise NotPermitted("INBOX cannot be deleted")
             rows = await conn.fetch("SELECT uid, blob_id, size FROM message WHERE mailbox_id = $1", mailbox_id)
             await self._remove_messages(conn, tx, account_id, mailbox_id, rows, log_expunge=False)
-            await conn.execute("DELETE FROM expunged WHERE mailbox_id = $1", mailbox_id)
+            await self._drop_mailbox_rows(conn, account_id, [mailbox_id])
             await conn.execute("DELETE FROM mailbox WHERE id = $1", mailbox_id)
             tx.changes.append(Change(account_id, ChangeKind.MAILBOX_DELETE, mailbox_id, name=mb["name"]))
 
@@ -1346,6 +1359,14 @@ class PostgresStore:
                 # RFC 9051 §6.3.6: INBOX's messages move to a new mailbox of the new name, INBOX
                 # stays (empty); INBOX's children are not affected.
                 dest = await self._create_mailbox_tx(conn, tx, account_id, new_name, None)
+                # RFC 5464 §4.1: INBOX's annotations are copied to the new mailbox (and kept).
+                await conn.execute(
+                    "INSERT INTO metadata (account_id, mailbox_id, name, value)"
+                    " SELECT account_id, $1, name, value FROM metadata WHERE account_id = $2 AND mailbox_id = $3",
+                    dest,
+                    account_id,
+                    mailbox_id,
+                )
                 rows = await conn.fetch(
                     f"SELECT {_MESSAGE_COLS} FROM message WHERE mailbox_id = $1 ORDER BY uid", mailbox_id
                 )
@@ -1603,7 +1624,11 @@ class PostgresStore:
     async def mailbox_changes(self, account_id: AccountId, mailbox_id: MailboxId, since: ModSeq) -> MailboxChanges:
         async def fn(conn: Conn) -> MailboxChanges:
             r = await conn.fetchrow(
-                f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = $1 AND m.id = $2", account_id, mailbox_id
+                f"SELECT {_MAILBOX_COLS},"
+                " coalesce((SELECT f.modseq FROM expunge_floor f WHERE f.mailbox_id = m.id), 0) AS floor"
+                " FROM mailbox m WHERE m.account_id = $1 AND m.id = $2",
+                account_id,
+                mailbox_id,
             )
             if r is None:
                 raise NotFound("no such mailbox")
@@ -1616,7 +1641,10 @@ class PostgresStore:
                 "SELECT uid FROM expunged WHERE mailbox_id = $1 AND modseq > $2 ORDER BY uid", mailbox_id, since
             )
             return MailboxChanges(
-                _mailbox(r), tuple(_meta(x) for x in changed), tuple(Uid(int(x["uid"])) for x in expunged)
+                _mailbox(r),
+                tuple(_meta(x) for x in changed),
+                tuple(Uid(int(x["uid"])) for x in expunged),
+                ModSeq(int(r["floor"])),
             )
 
         return await self._read(fn, snapshot=True)
@@ -2029,6 +2057,125 @@ class PostgresStore:
             await self._queue_remove_tx(conn, queue_id)
 
         await self._write(fn)
+
+    # --------------------------------------------------------------------- IMAP METADATA (RFC 5464)
+    async def get_metadata(self, account_id: AccountId, mailbox_id: MailboxId | None) -> dict[str, bytes]:
+        async def fn(conn: Conn) -> dict[str, bytes]:
+            if mailbox_id is not None:
+                await self._mailbox_row(conn, account_id, mailbox_id)
+            rows = await conn.fetch(
+                "SELECT name, value FROM metadata WHERE account_id = $1 AND mailbox_id = $2"
+                " ORDER BY name COLLATE \"C\"",
+                account_id,
+                mailbox_id or 0,
+            )
+            return {str(r["name"]): bytes(r["value"]) for r in rows}
+
+        return await self._read(fn, snapshot=True)
+
+    async def set_metadata(
+        self,
+        account_id: AccountId,
+        mailbox_id: MailboxId | None,
+        entries: Mapping[str, bytes | None],
+        *,
+        max_mailbox_entries: int,
+        max_account_entries: int,
+    ) -> None:
+        items = [(k.lower(), v) for k, v in entries.items()]
+        mid = mailbox_id or 0
+
+        async def fn(conn: Conn, tx: _Tx) -> None:
+            # The account row lock serialises metadata writers of the account (the counts below).
+            if not await self._lock_accounts(conn, [account_id]):
+                raise NotFound("no such account")
+            if mailbox_id is not None:
+                await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
+            added = 0
+            for name, value in items:
+                if value is None:
+                    r = await conn.fetchval(
+                        "DELETE FROM metadata WHERE account_id = $1 AND mailbox_id = $2 AND name = $3 RETURNING 1",
+                        account_id,
+                        mid,
+                        name,
+                    )
+                    added -= r is not None
+                else:
+                    fresh = await conn.fetchval(
+                        "INSERT INTO metadata (account_id, mailbox_id, name, value) VALUES ($1, $2, $3, $4)"
+                        " ON CONFLICT (account_id, mailbox_id, name) DO UPDATE SET value = EXCLUDED.value"
+                        " RETURNING (xmax = 0)",
+                        account_id,
+                        mid,
+                        name,
+                        value,
+                    )
+                    added += bool(fresh)
+            if added > 0:
+                n_box = await conn.fetchval(
+                    "SELECT count(*) FROM metadata WHERE account_id = $1 AND mailbox_id = $2", account_id, mid
+                )
+                n_all = await conn.fetchval("SELECT count(*) FROM metadata WHERE account_id = $1", account_id)
+                if n_box > max_mailbox_entries or n_all > max_account_entries:
+                    raise TooManyEntries("too many metadata entries")  # the transaction rolls back
+
+        await self._write(fn)
+
+    # ------------------------------------------------------------ expunge history (RFC 7162 §3.2.5.2)
+    async def expunge_history_floor(self, account_id: AccountId, mailbox_id: MailboxId) -> ModSeq:
+        v = await self._read(
+            lambda c: c.fetchval(
+                "SELECT f.modseq FROM expunge_floor f JOIN mailbox m ON m.id = f.mailbox_id"
+                " WHERE f.mailbox_id = $1 AND m.account_id = $2",
+                mailbox_id,
+                account_id,
+            )
+        )
+        return ModSeq(int(v) if v is not None else 0)
+
+    async def trim_expunge_history(self, keep: timedelta, mark_every: timedelta) -> int:
+        async def fn(conn: Conn, tx: _Tx) -> int:
+            now = datetime.now(UTC)
+            cutoff = now - keep
+            gone = 0
+            for r in await conn.fetch(
+                "SELECT mailbox_id, max(modseq) AS ms FROM expunge_mark WHERE marked <= $1 GROUP BY mailbox_id"
+                " ORDER BY mailbox_id",
+                cutoff,
+            ):
+                mid, ms = int(r["mailbox_id"]), int(r["ms"])
+                await conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = $1 AND modseq <= $2", mid, ms)
+                # The floor is the highest modseq really dropped: above it the history is whole.
+                d = await conn.fetchrow(
+                    "WITH d AS (DELETE FROM expunged WHERE mailbox_id = $1 AND modseq <= $2 RETURNING modseq)"
+                    " SELECT count(*) AS n, max(modseq) AS top FROM d",
+                    mid,
+                    ms,
+                )
+                if d is None or d["top"] is None:
+                    continue
+                gone += int(d["n"])
+                await conn.execute(
+                    "INSERT INTO expunge_floor (mailbox_id, modseq) VALUES ($1, $2) ON CONFLICT (mailbox_id)"
+                    " DO UPDATE SET modseq = greatest(expunge_floor.modseq, EXCLUDED.modseq)",
+                    mid,
+                    int(d["top"]),
+                )
+            await conn.execute(
+                "INSERT INTO expunge_mark (mailbox_id, modseq, marked)"
+                " SELECT m.id, m.highestmodseq, $1 FROM mailbox m"
+                " WHERE m.highestmodseq > coalesce((SELECT max(modseq) FROM expunge_mark k WHERE k.mailbox_id = m.id),"
+                "                                  (SELECT modseq FROM expunge_floor f WHERE f.mailbox_id = m.id), 0)"
+                "   AND coalesce((SELECT max(marked) FROM expunge_mark k WHERE k.mailbox_id = m.id),"
+                "                 'epoch'::timestamptz) <= $2"
+                " ON CONFLICT DO NOTHING",
+                now,
+                now - mark_every,
+            )
+            return gone
+
+        return await self._write(fn)
 
     # ------------------------------------------------------------------------------- maintenance
     async def check(self) -> list[Problem]:

@@ -48,7 +48,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -65,6 +65,7 @@ from postfach.errors import (
     StorageFull,
     StoreError,
     StoreUnavailable,
+    TooManyEntries,
 )
 from postfach.store.base import (
     ALL_ACCOUNTS,
@@ -1399,6 +1400,15 @@ class SqliteStore:
         return out
 
     @staticmethod
+    def _drop_mailbox_rows(conn: sqlite3.Connection, account_id: AccountId, mailbox_ids: Sequence[int]) -> None:
+        """The rows that live and die with a mailbox: expunge history and METADATA entries."""
+        for mid in mailbox_ids:
+            conn.execute("DELETE FROM expunged WHERE mailbox_id = ?", (mid,))
+            conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = ?", (mid,))
+            conn.execute("DELETE FROM expunge_floor WHERE mailbox_id = ?", (mid,))
+            conn.execute("DELETE FROM metadata WHERE account_id = ? AND mailbox_id = ?", (account_id, mid))
+
+    @staticmethod
     def _next_uidvalidity(conn: sqlite3.Connection) -> int:
         """Time-based and strictly increasing across the whole store, so a mailbox deleted and
         created again under the same name never repeats a UIDVALIDITY (RFC 9051 §2.3.1.1)."""
@@ -1577,7 +1587,8 @@ class SqliteStore:
             mids = [r[0] for r in conn.execute("SELECT id FROM mailbox WHERE account_id = ?", (account_id,))]
             for mid in mids:
                 conn.execute("DELETE FROM message WHERE mailbox_id = ?", (mid,))
-                conn.execute("DELETE FROM expunged WHERE mailbox_id = ?", (mid,))
+            self._drop_mailbox_rows(conn, account_id, mids)
+            conn.execute("DELETE FROM metadata WHERE account_id = ?", (account_id,))
             conn.execute("DELETE FROM mailbox WHERE account_id = ?", (account_id,))
             conn.execute("DELETE FROM subscription WHERE account_id = ?", (account_id,))
             conn.execute("DELETE FROM account WHERE id = ?", (account_id,))
@@ -1693,7 +1704,7 @@ class SqliteStore:
                 raise NotPermitted("INBOX cannot be deleted")
             rows = conn.execute("SELECT uid, blob_id, size FROM message WHERE mailbox_id = ?", (mailbox_id,)).fetchall()
             self._remove_messages(tx, account_id, mailbox_id, rows, log_expunge=False)
-            conn.execute("DELETE FROM expunged WHERE mailbox_id = ?", (mailbox_id,))
+            self._drop_mailbox_rows(conn, account_id, [mailbox_id])
             conn.execute("DELETE FROM mailbox WHERE id = ?", (mailbox_id,))
             tx.changes.append(Change(account_id, ChangeKind.MAILBOX_DELETE, mailbox_id, name=mb["name"]))
 
@@ -1718,6 +1729,12 @@ class SqliteStore:
                 # RFC 9051 §6.3.6: INBOX's messages move to a new mailbox of the new name, INBOX
                 # stays (empty); INBOX's children are not affected.
                 dest = self._create_mailbox_tx(tx, account_id, new_name, None)
+                # RFC 5464 §4.1: INBOX's annotations are copied to the new mailbox (and kept).
+                conn.execute(
+                    "INSERT INTO metadata (account_id, mailbox_id, name, value)"
+                    " SELECT account_id, ?, name, value FROM metadata WHERE account_id = ? AND mailbox_id = ?",
+                    (dest, account_id, mailbox_id),
+                )
                 rows = conn.execute(
                     f"SELECT {_MESSAGE_COLS} FROM message WHERE mailbox_id = ? ORDER BY uid", (mailbox_id,)
                 ).fetchall()
@@ -1961,7 +1978,9 @@ class SqliteStore:
     async def mailbox_changes(self, account_id: AccountId, mailbox_id: MailboxId, since: ModSeq) -> MailboxChanges:
         def fn(conn: sqlite3.Connection) -> MailboxChanges:
             r = conn.execute(
-                f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = ? AND m.id = ?",
+                f"SELECT {_MAILBOX_COLS},"
+                " coalesce((SELECT f.modseq FROM expunge_floor f WHERE f.mailbox_id = m.id), 0) AS floor"
+                " FROM mailbox m WHERE m.account_id = ? AND m.id = ?",
                 (account_id, mailbox_id),
             ).fetchone()
             if r is None:
@@ -1986,7 +2005,7 @@ class SqliteStore:
                     (mailbox_id, since),
                 )
             )
-            return MailboxChanges(_mailbox(r), tuple(changed), tuple(expunged))
+            return MailboxChanges(_mailbox(r), tuple(changed), tuple(expunged), ModSeq(int(r["floor"])))
 
         return await self._read(fn)
 
@@ -2359,6 +2378,117 @@ class SqliteStore:
             await self._write(lambda tx: self._queue_remove_tx(tx, queue_id))
         finally:
             self._queue_claims.pop(queue_id, None)
+
+    # --------------------------------------------------------------------- IMAP METADATA (RFC 5464)
+    async def get_metadata(self, account_id: AccountId, mailbox_id: MailboxId | None) -> dict[str, bytes]:
+        def fn(conn: sqlite3.Connection) -> dict[str, bytes]:
+            if mailbox_id is not None:
+                self._mailbox_row(conn, account_id, mailbox_id)
+            return {
+                str(r[0]): bytes(r[1])
+                for r in conn.execute(
+                    "SELECT name, value FROM metadata WHERE account_id = ? AND mailbox_id = ? ORDER BY name",
+                    (account_id, mailbox_id or 0),
+                )
+            }
+
+        return await self._read(fn)
+
+    async def set_metadata(
+        self,
+        account_id: AccountId,
+        mailbox_id: MailboxId | None,
+        entries: Mapping[str, bytes | None],
+        *,
+        max_mailbox_entries: int,
+        max_account_entries: int,
+    ) -> None:
+        items = [(k.lower(), v) for k, v in entries.items()]
+        mid = mailbox_id or 0
+
+        def fn(tx: _Tx) -> None:
+            conn = tx.conn
+            if mailbox_id is not None:
+                self._mailbox_row(conn, account_id, mailbox_id)
+            elif conn.execute("SELECT 1 FROM account WHERE id = ?", (account_id,)).fetchone() is None:
+                raise NotFound("no such account")
+            added = 0
+            for name, value in items:
+                if value is None:
+                    added -= conn.execute(
+                        "DELETE FROM metadata WHERE account_id = ? AND mailbox_id = ? AND name = ?",
+                        (account_id, mid, name),
+                    ).rowcount
+                else:
+                    had = conn.execute(
+                        "SELECT 1 FROM metadata WHERE account_id = ? AND mailbox_id = ? AND name = ?",
+                        (account_id, mid, name),
+                    ).fetchone()
+                    conn.execute(
+                        "INSERT OR REPLACE INTO metadata (account_id, mailbox_id, name, value) VALUES (?, ?, ?, ?)",
+                        (account_id, mid, name, value),
+                    )
+                    added += had is None
+            if added > 0:
+                n_box = conn.execute(
+                    "SELECT count(*) FROM metadata WHERE account_id = ? AND mailbox_id = ?", (account_id, mid)
+                ).fetchone()[0]
+                n_all = conn.execute("SELECT count(*) FROM metadata WHERE account_id = ?", (account_id,)).fetchone()[0]
+                if n_box > max_mailbox_entries or n_all > max_account_entries:
+                    raise TooManyEntries("too many metadata entries")  # the transaction rolls back
+
+        await self._write(fn)
+
+    # ------------------------------------------------------------ expunge history (RFC 7162 §3.2.5.2)
+    async def expunge_history_floor(self, account_id: AccountId, mailbox_id: MailboxId) -> ModSeq:
+        def fn(conn: sqlite3.Connection) -> ModSeq:
+            r = conn.execute(
+                "SELECT f.modseq FROM expunge_floor f JOIN mailbox m ON m.id = f.mailbox_id"
+                " WHERE f.mailbox_id = ? AND m.account_id = ?",
+                (mailbox_id, account_id),
+            ).fetchone()
+            return ModSeq(int(r[0]) if r is not None else 0)
+
+        return await self._point_read(fn)
+
+    async def trim_expunge_history(self, keep: timedelta, mark_every: timedelta) -> int:
+        def fn(tx: _Tx) -> int:
+            conn = tx.conn
+            now = _now_us()
+            cutoff = now - keep // timedelta(microseconds=1)
+            gone = 0
+            # Checkpoints older than the retention: their modseq bounds what may go (the newest
+            # such checkpoint per mailbox wins; older ones are dropped with the records).
+            for mid, ms in conn.execute(
+                "SELECT mailbox_id, max(modseq) FROM expunge_mark WHERE marked <= ? GROUP BY mailbox_id", (cutoff,)
+            ).fetchall():
+                conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = ? AND modseq <= ?", (mid, ms))
+                # The floor is the highest modseq really dropped: above it the history is whole.
+                top = conn.execute(
+                    "SELECT max(modseq) FROM expunged WHERE mailbox_id = ? AND modseq <= ?", (mid, ms)
+                ).fetchone()[0]
+                if top is None:
+                    continue
+                gone += conn.execute(
+                    "DELETE FROM expunged WHERE mailbox_id = ? AND modseq <= ?", (mid, ms)
+                ).rowcount
+                conn.execute(
+                    "INSERT INTO expunge_floor (mailbox_id, modseq) VALUES (?, ?)"
+                    " ON CONFLICT (mailbox_id) DO UPDATE SET modseq = max(modseq, excluded.modseq)",
+                    (mid, top),
+                )
+            # New checkpoints where the mailbox moved on and its last checkpoint is old enough.
+            conn.execute(
+                "INSERT OR IGNORE INTO expunge_mark (mailbox_id, modseq, marked)"
+                " SELECT m.id, m.highestmodseq, ? FROM mailbox m"
+                " WHERE m.highestmodseq > coalesce((SELECT max(modseq) FROM expunge_mark k WHERE k.mailbox_id = m.id),"
+                "                                  (SELECT modseq FROM expunge_floor f WHERE f.mailbox_id = m.id), 0)"
+                "   AND coalesce((SELECT max(marked) FROM expunge_mark k WHERE k.mailbox_id = m.id), 0) <= ?",
+                (now, now - mark_every // timedelta(microseconds=1)),
+            )
+            return gone
+
+        return await self._write(fn)
 
     # ------------------------------------------------------------------------------- maintenance
     async def check(self) -> list[Problem]:
