@@ -49,8 +49,10 @@ from postfach.imap.cache import (
 )
 from postfach.imap.parser import ParseError, parse
 from postfach.imap.selected import BadSequence, MailboxView, SelectedMailbox, ViewCache
+from postfach.mail import search as msearch
 from postfach.mail.headers import field_spans, header_end
-from postfach.mail.model import Address, MessageInfo
+from postfach.mail.model import MessageInfo
+from postfach.mail.search import sort_row
 from postfach.store.base import (
     HIERARCHY_DELIMITER,
     SYSTEM_FLAGS,
@@ -166,22 +168,8 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(rx + r"\Z", re.DOTALL)
 
 
-def _fold(s: str) -> str:
-    return s.casefold()
-
-
-def _addresses_text(addrs: tuple[Address, ...] | None) -> str:
-    if not addrs:
-        return ""
-    out = []
-    for a in addrs:
-        if a.host is None:
-            if a.mailbox:
-                out.append(a.mailbox + ":")
-            continue
-        name = mail.decode_2047(a.name) + " " if a.name else ""
-        out.append(f"{name}<{a.mailbox}@{a.host}>")
-    return ", ".join(out)
+_fold = msearch.fold
+_addresses_text = msearch.addresses_text
 
 
 class Session:
@@ -1802,22 +1790,28 @@ class Session:
     # ---------------------------------------------------------------- SORT / THREAD (RFC 5256)
     async def _sort_keys_of(self, metas: list[MessageMeta]) -> list[st.SortKeys | None]:
         """Sort keys per message (None: expunged meanwhile): from the process-wide cache (blobs
-        never change), else from each message's cached MessageInfo, loaded 64 at a time."""
+        never change), else from the keys the store made at ingest (the whole mailbox in one
+        query), else from each message's cached MessageInfo, loaded 64 at a time."""
         cache = self._sort_keys
         peek = cache.peek
         keys = [peek(m.blob_id) for m in metas]
         if None not in keys:
             return keys
         missing = list({m.blob_id: m for m, k in zip(metas, keys, strict=True) if k is None}.values())
+        if len(missing) > 64:
+            rows = await self.store.sort_rows(self.account_id, self.sel.mailbox_id)
+            if rows:
+                put = cache.put
+                from_row = st.keys_from_row
+                for _uid, blob_id, row in rows:
+                    put(blob_id, from_row(row))
+                missing = [m for m in missing if peek(m.blob_id) is None]
         for k in range(0, len(missing), 64):
             chunk = missing[k : k + 64]
             got = await asyncio.gather(*(self._info(m) for m in chunk), return_exceptions=True)
             for m, inf in zip(chunk, got, strict=True):
                 if isinstance(inf, MessageInfo):
-                    cache.put(m.blob_id, st.make_keys(
-                        inf.subject, inf.base_subject, inf.date, inf.from_addr, inf.to_addr,
-                        inf.cc_addr, inf.display_from, inf.display_to, inf.message_id,
-                        inf.in_reply_to, inf.references))
+                    cache.put(m.blob_id, st.keys_from_row(sort_row(inf)))
                 elif not isinstance(inf, NotFound):
                     raise inf
         return [peek(m.blob_id) for m in metas]
@@ -1917,9 +1911,31 @@ class Session:
         matches: list[tuple[int, Uid]] = []
         rev1 = not self.rev2
         cache = self._search_fields
+        # (position, uid) of the messages to look at: all, or what the full-text index leaves.
+        todo: Sequence[tuple[int, Uid]] = list(enumerate(sel.uids))
+        terms = _index_terms(key) if needs else []
+        if terms:
+            hits = await self.store.search_index(self.account_id, sel.mailbox_id, terms)
+            if hits is not None:
+                meta_pred = _compile_meta(_meta_part(key), sel, rev1, now) if _index_answers(key) else None
+                if meta_pred is not None:
+                    # Every part of the key is a text key the index answered exactly (a substring
+                    # of the same folded text the matcher compares with) or a metadata key: the
+                    # matcher need only see the messages not indexed yet.
+                    found, rest = hits.uids, hits.unindexed
+                    pred = meta_pred
+                    metas = sel.metas
+                    matches = [(i + 1, u) for i, u in todo if u in found and pred(metas[u], i + 1)]
+                    todo = [(i, u) for i, u in todo if u in rest]
+                    if not todo:
+                        return matches
+                else:
+                    cand = hits.uids | hits.unindexed
+                    todo = [(i, u) for i, u in todo if u in cand]
         if needs == 1:
             # Header keys: decoded fields per blob, loaded in parallel once and cached.
-            missing = [m for m in sel.metas.values() if cache.get(m.blob_id) is None]
+            metas = sel.metas
+            missing = [metas[u] for _, u in todo if cache.get(metas[u].blob_id) is None]
             for k in range(0, len(missing), 64):
                 chunk = missing[k : k + 64]
                 got = await asyncio.gather(*(self._info(m) for m in chunk), return_exceptions=True)
@@ -1934,7 +1950,7 @@ class Session:
             idx = _FIELD_INDEX[str(key.args[0]).lower()]
             needle = _fold(str(key.args[1]))
             metas = sel.metas
-            for i, uid in enumerate(sel.uids):
+            for i, uid in todo:
                 f = cache.get(metas[uid].blob_id)
                 if f is not None and f[idx] != "\0" and needle in f[idx]:
                     matches.append((i + 1, uid))
@@ -1942,9 +1958,9 @@ class Session:
         if pred is not None:
             # Metadata-only keys (flags, sizes, dates, sets): a compiled predicate, no context.
             metas = sel.metas
-            matches.extend((i + 1, uid) for i, uid in enumerate(sel.uids) if pred(metas[uid], i + 1))
+            matches.extend((i + 1, uid) for i, uid in todo if pred(metas[uid], i + 1))
             fast = True
-        for i, uid in enumerate(() if fast else sel.uids):
+        for i, uid in () if fast else todo:
             meta = sel.metas[uid]
             info: MessageInfo | None = None
             data: bytes | None = None
@@ -1962,6 +1978,8 @@ class Session:
             ctx = _MatchCtx(i + 1, meta, info, data, sel, rev1, now, fields)
             if _match(key, ctx):
                 matches.append((i + 1, uid))
+        if terms:
+            matches.sort()
         return matches
 
     async def _search(self, cmd: c.Search) -> None:
@@ -2175,14 +2193,9 @@ _FIELD_INDEX = {"subject": 0, "from": 1, "to": 2, "cc": 3, "bcc": 4}
 
 
 def _search_fields(info: MessageInfo) -> tuple[str, ...]:
-    """(subject, from, to, cc, bcc, sent date ISO) folded for matching; "\0" marks absence."""
-    env = info.envelope
-    vals = [info.subject if env.subject is not None else "\0"]
-    for addrs in (env.from_, env.to, env.cc, env.bcc):
-        vals.append("\0" if addrs is None else _addresses_text(addrs))
-    vals = [v if v == "\0" else _fold(v) for v in vals]
-    vals.append(info.date.isoformat() if info.date is not None else "")
-    return tuple(vals)
+    """(subject, from, to, cc, bcc, sent date ISO) folded for matching; "\0" marks absence.
+    The same strings the store's full-text index holds (postfach.mail.search)."""
+    return msearch.header_fields(info)
 
 
 class _MatchCtx:
@@ -2204,8 +2217,53 @@ class _MatchCtx:
     def body_text(self) -> str:
         if self._text is None:
             assert self.data is not None and self.info is not None
-            self._text = _fold(mail.search_text(self.data, self.info))
+            self._text = msearch.body_text(self.data, self.info)
         return self._text
+
+
+_INDEX_HEADERS = frozenset({"subject", "from", "to", "cc", "bcc"})
+
+
+def _index_term(key: c.SearchKey) -> tuple[str, str] | None:
+    """(field, folded needle) of a text key the full-text index can answer, else None."""
+    if key.op in ("BODY", "TEXT"):
+        needle = _fold(str(key.args[0]))
+        field = key.op.lower()
+    elif key.op == "HEADER" and str(key.args[0]).lower() in _INDEX_HEADERS:
+        needle = _fold(str(key.args[1]))
+        field = str(key.args[0]).lower()
+    else:
+        return None
+    return (field, needle) if msearch.indexable(needle) else None
+
+
+def _conjuncts(key: c.SearchKey) -> list[c.SearchKey]:
+    """The parts of a top-level AND (nested ANDs flattened), or the key itself."""
+    if key.op != "AND":
+        return [key]
+    out: list[c.SearchKey] = []
+    for a in key.args:
+        if isinstance(a, c.SearchKey):
+            out.extend(_conjuncts(a))
+    return out
+
+
+def _index_terms(key: c.SearchKey) -> list[tuple[str, str]]:
+    """The text keys of the top-level AND the index can narrow by (OR and NOT are not looked
+    into: the index only ever narrows where every match must hold the needle)."""
+    return [t for k in _conjuncts(key) if (t := _index_term(k)) is not None]
+
+
+def _index_answers(key: c.SearchKey) -> bool:
+    """Whether the index answer is the whole answer: every conjunct is a text key the index
+    answers or needs no message data."""
+    return all(_index_term(k) is not None or _search_needs(k) == 0 for k in _conjuncts(key))
+
+
+def _meta_part(key: c.SearchKey) -> c.SearchKey:
+    """The conjuncts of ``key`` that are not index terms (ALL when none)."""
+    rest = tuple(k for k in _conjuncts(key) if _index_term(k) is None)
+    return c.SearchKey("AND", rest) if rest else c.SearchKey("ALL", ())
 
 
 def _uses(key: c.SearchKey, op: str) -> bool:
@@ -2321,8 +2379,7 @@ def _match(key: c.SearchKey, ctx: _MatchCtx) -> bool:
             if needle in ctx.body_text():
                 return True
             assert ctx.data is not None and ctx.info is not None
-            head = ctx.data[ctx.info.root.header_start : ctx.info.root.header_end]
-            return needle in _fold(mail.decode_2047(head.decode("utf-8", "replace")))
+            return needle in msearch.header_text(ctx.data, ctx.info)
     return False
 
 

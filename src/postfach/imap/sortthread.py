@@ -1,7 +1,8 @@
 """SORT and THREAD (RFC 5256, RFC 5957 SORT=DISPLAY) over per-message sort keys. Pure; no asyncio.
 
-The session builds one ``SortKeys`` per blob from the cached ``MessageInfo`` (and keeps them in a
-process-wide cache, since blobs never change), then calls ``sort_order`` or ``thread_*`` with the
+The session builds one ``SortKeys`` per blob from the keys the store keeps per blob since ingest
+(``Store.sort_rows``, one query per mailbox; else from the cached ``MessageInfo``) and keeps them
+in a process-wide cache, since blobs never change, then calls ``sort_order`` or ``thread_*`` with the
 matching messages in sequence order; ties always fall back to sequence order (RFC 5256 §3).
 """
 
@@ -11,12 +12,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
+
+from postfach.mail.model import BodyPart, Envelope, MessageInfo
+from postfach.mail.search import SortRow, sort_row
 
 
-@dataclass(frozen=True, slots=True)
-class SortKeys:
-    """What SORT/THREAD need of one message (per blob; no per-mailbox data)."""
+class SortKeys(NamedTuple):
+    """What SORT/THREAD need of one message (per blob; no per-mailbox data). A named tuple: the
+    first SORT of a 100,000-message mailbox builds one per message from the store's key table."""
 
     date: float | None  # sent date (Date:), as a UTC timestamp; None when absent/unparsable
     from_: str  # addr-mailbox of the first From address, case-folded (RFC 5256 §3 FROM)
@@ -28,6 +32,16 @@ class SortKeys:
     message_id: str
     references: tuple[str, ...]  # References, or In-Reply-To when there are none (§3 REFERENCES)
     reply: bool  # the subject had Re:/Fwd: stripped (subject grouping, §3 step 5)
+
+
+_new = tuple.__new__
+
+
+def keys_from_row(row: SortRow) -> SortKeys:
+    """SortKeys from the row the store keeps per blob (postfach.mail.search.sort_row)."""
+    refs = row[8]
+    return _new(SortKeys, (row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                           tuple(refs.split("\n")) if refs else (), bool(row[9])))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,18 +61,14 @@ def item(seq: int, uid: int, size: int, arrival: float, keys: SortKeys) -> Item:
 def make_keys(subject: str, base_subject: str, date: datetime | None, from_addr: str, to_addr: str,
               cc_addr: str, display_from: str, display_to: str, message_id: str, in_reply_to: str,
               references: Sequence[str]) -> SortKeys:
-    base = base_subject.casefold()
-    refs = tuple(r for r in references if r) or ((in_reply_to,) if in_reply_to else ())
-    stripped = subject.strip().casefold()
-    return SortKeys(
-        date=date.timestamp() if date is not None else None,
-        from_=from_addr.casefold(), to=to_addr.casefold(), cc=cc_addr.casefold(), subject=base,
-        display_from=display_from.casefold(), display_to=display_to.casefold(),
-        message_id=message_id, references=refs,
-        # The base subject drops "Re:", "Fwd:", "[list]" and "(fwd)"; a leading reply marker is
-        # what makes a message a reply for subject grouping.
-        reply=stripped != base and stripped[:3] in ("re:", "re ", "fw:", "fwd", "re["),
-    )
+    info = MessageInfo(0, _NO_PART, Envelope(), subject=subject, base_subject=base_subject, date=date,
+                       from_addr=from_addr, to_addr=to_addr, cc_addr=cc_addr, display_from=display_from,
+                       display_to=display_to, message_id=message_id, in_reply_to=in_reply_to,
+                       references=tuple(references))
+    return keys_from_row(sort_row(info))
+
+
+_NO_PART = BodyPart("text", "plain", (), None, None, "7bit", None, None, None, None, 0, 0, 0, 0, 0)
 
 
 #: SortKeys attribute per string sort key (the session's one-criterion fast path).

@@ -66,6 +66,7 @@ from postfach.errors import (
     StoreError,
     StoreUnavailable,
 )
+from postfach.mail.search import IndexText, SortRow, indexable
 from postfach.store.base import (
     ALL_ACCOUNTS,
     DEFAULT_MAILBOXES,
@@ -87,14 +88,16 @@ from postfach.store.base import (
     QueueItem,
     QueueRecipient,
     RecipientState,
+    SearchHits,
     StoreFlagsResult,
 )
 from postfach.store.blobs import FileBlobStore, fsync_dir, os_error, sha256_hex, wire_flags
+from postfach.store.common import INDEX_FIELDS, fts_query, normalize_flags
 from postfach.store.common import Subscription as _Subscription
 from postfach.store.common import apply_flag_op as _apply_flag_op
 from postfach.store.common import norm_address as _norm_address
 from postfach.store.common import norm_mailbox_name as _norm_mailbox_name
-from postfach.store.common import normalize_flags
+from postfach.store.common import parse_for_ingest as _parse_for_ingest
 from postfach.store.common import parse_info as _parse_info
 from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
 
@@ -247,6 +250,33 @@ def _connect(path: Path) -> sqlite3.Connection:
 # ------------------------------------------------------------------------------ internal records
 
 
+_KEY_INSERT = (
+    "INSERT INTO blob_key (blob_id, date, from_addr, to_addr, cc_addr, subject, display_from, display_to,"
+    " message_id, refs, reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(blob_id) DO NOTHING"
+)
+_TEXT_INSERT = (
+    "INSERT INTO blob_text (id, subject, sender, rcpt_to, cc, bcc, header, body, names)"
+    " SELECT k.id, ?, ?, ?, ?, ?, ?, ?, ? FROM blob_key k WHERE k.blob_id = ?"
+    " AND NOT EXISTS (SELECT 1 FROM blob_text t WHERE t.id = k.id)"
+)
+
+
+def _blob_row(b: _Blob) -> tuple[str, int, bytes | None, int | None, int | None]:
+    """Parameters of the blob INSERT: fts is 1 when the index rows come along, else NULL (a
+    blob ingested without a parse is indexed later by the backfill)."""
+    return (b.id, b.size, b.info, b.wire, 1 if b.index is not None else None)
+
+
+def _insert_index(conn: sqlite3.Connection, blobs: Sequence[_Blob]) -> None:
+    """Sort keys and full-text rows of new blobs (after their blob rows; a blob already indexed
+    is left alone). The FTS5 rows follow from blob_text by trigger, in the same transaction."""
+    indexed = [b for b in blobs if b.index is not None]
+    if not indexed:
+        return
+    conn.executemany(_KEY_INSERT, [(b.id, *b.index[0]) for b in indexed])  # type: ignore[index]
+    conn.executemany(_TEXT_INSERT, [(*b.index[1], b.id) for b in indexed])  # type: ignore[index]
+
+
 @dataclass(slots=True)
 class _Tx:
     """What one write request sees: the connection, and what to publish after the commit."""
@@ -298,6 +328,7 @@ class _Blob:
     size: int
     info: bytes | None
     wire: int | None = None  # WIRE_* bits (base.py); None when not learned (rows of older copies)
+    index: tuple[SortRow, IndexText] | None = None  # sort keys and index text (None: not parsed)
 
 
 class _MaildropLock:
@@ -471,6 +502,9 @@ class SqliteStore:
         self._open = False
         self.schema_version = 0
         self._blob_insert_sql = ""
+        self.has_index = False  # schema 4: the full-text index and sort-key tables exist
+        self._backfill: threading.Thread | None = None
+        self._backfill_stop = threading.Event()
         self._blob_open_sql = ""
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -516,13 +550,25 @@ class SqliteStore:
                 self.schema_version = _apply_migrations(conn, migrations, self.path)
                 # The wire column comes with schema version 3 (a store may be opened with fewer
                 # migrations, by tests of upgrades): without it, readers scan as before.
-                has_wire = any(r[1] == "wire" for r in conn.execute("PRAGMA table_info(blob)"))
+                cols = {r[1] for r in conn.execute("PRAGMA table_info(blob)")}
+                has_wire = "wire" in cols
                 wire_col = "wire" if has_wire else "NULL"
-                self._blob_insert_sql = (
-                    "INSERT INTO blob (id, size, refcount, info, wire) VALUES (?, ?, 1, ?, ?)"
-                    if has_wire  # else the same four parameters, the last one ignored
-                    else "INSERT INTO blob (id, size, refcount, info) SELECT ?, ?, 1, ? WHERE ? IS NULL OR 1"
-                ) + " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1"
+                # The index comes with schema version 4: the same five parameters every time.
+                self.has_index = "fts" in cols
+                if self.has_index:
+                    # A blob stored before version 4 and ingested again gets its index rows now.
+                    self._blob_insert_sql = (
+                        "INSERT INTO blob (id, size, refcount, info, wire, fts) VALUES (?, ?, 1, ?, ?, ?)"
+                        " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1,"
+                        " fts = CASE WHEN excluded.fts = 1 THEN 1 ELSE fts END"
+                    )
+                else:
+                    self._blob_insert_sql = (
+                        "INSERT INTO blob (id, size, refcount, info, wire) SELECT ?, ?, 1, ?, ? WHERE ? IS NULL OR 1"
+                        if has_wire  # else the same parameters, the last ones ignored
+                        else "INSERT INTO blob (id, size, refcount, info) SELECT ?, ?, 1, ?"
+                        " WHERE (? IS NULL OR 1) AND (? IS NULL OR 1)"
+                    ) + " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1"
                 self._blob_open_sql = f"SELECT size, {wire_col} FROM blob WHERE id = ?"
             except BaseException:
                 conn.close()
@@ -1017,14 +1063,16 @@ class SqliteStore:
                 "UPDATE account SET used_bytes = used_bytes + ?, used_messages = used_messages + ? WHERE id = ?",
                 (u[4], u[5], aid),
             )
-        blob_rows: list[tuple[str, int, bytes | None, int | None]] = []
+        blob_rows: list[tuple[str, int, bytes | None, int | None, int | None]] = []
+        new_blobs: list[_Blob] = []
         msg_rows: list[tuple[int, int, str, int, int, int, str, int, int, int]] = []
         out: list[tuple[_WriteRequest, bool, Any, _Tx | None]] = []
         for k, (req, (aid, mid, spec)) in enumerate(zip(run, targets, strict=True)):
             uid, modseq, uv = firsts[k]
             results: list[AppendResult] = []
             for blob, flags, idate, sdate in spec.entries:
-                blob_rows.append((blob.id, blob.size, blob.info, blob.wire))
+                blob_rows.append(_blob_row(blob))
+                new_blobs.append(blob)
                 msg_rows.append(
                     (
                         mid,
@@ -1045,6 +1093,8 @@ class SqliteStore:
             tx.changes.append(Change(aid, ChangeKind.APPEND, mid, ModSeq(modseq), tuple(r.uid for r in results)))
             out.append((req, True, results, tx))
         conn.executemany(self._blob_insert_sql, blob_rows)
+        if self.has_index:
+            _insert_index(conn, new_blobs)
         conn.executemany(
             "INSERT INTO message (mailbox_id, uid, blob_id, size, internaldate, savedate, flags, seen, deleted,"
             " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1119,13 +1169,16 @@ class SqliteStore:
             self._blobs.unpin(blob_id)
             raise
         del created  # parsed either way: the row may be new even when the file is not
-        return _Blob(blob_id, len(data), _parse_info(data), wire_flags(data))
+        info, index = _parse_for_ingest(data) if self.has_index else (_parse_info(data), None)
+        return _Blob(blob_id, len(data), info, wire_flags(data), index)
 
     # ------------------------------------------------------------------ transaction building blocks
     def _incref(self, tx: _Tx, blobs: Sequence[_Blob]) -> None:
         # info is None when the file existed already (its row committed by a concurrent writer,
         # or removed meanwhile): message_info then parses on demand.
-        tx.conn.executemany(self._blob_insert_sql, [(b.id, b.size, b.info, b.wire) for b in blobs])
+        tx.conn.executemany(self._blob_insert_sql, [_blob_row(b) for b in blobs])
+        if self.has_index:
+            _insert_index(tx.conn, blobs)
 
     @staticmethod
     def _decref(tx: _Tx, counts: Counter[str]) -> None:
@@ -2036,6 +2089,58 @@ class SqliteStore:
 
     async def read_blob(self, blob_id: BlobId) -> bytes:
         return await self._in_blob_thread(self._blobs.read, blob_id)
+
+    # ------------------------------------------------------------------ full-text index, sort keys
+    async def search_index(
+        self, account_id: AccountId, mailbox_id: MailboxId, terms: Sequence[tuple[str, str]]
+    ) -> SearchHits | None:
+        query = fts_query(terms)
+        if not self.has_index or query is None:
+            return None
+        usable = [(f, n) for f, n in terms if indexable(n)]
+        exact: list[str] = []
+        params: list[Any] = [query, mailbox_id, account_id]
+        for f, n in usable:
+            cols = INDEX_FIELDS[f]
+            exact.append("(" + " OR ".join(f"instr(t.{c}, ?) > 0" for c in cols) + ")")
+            params.extend([n] * len(cols))
+        sql = (
+            "SELECT m.uid FROM blob_fts f JOIN blob_text t ON t.id = f.rowid JOIN blob_key k ON k.id = f.rowid"
+            " JOIN message m ON m.blob_id = k.blob_id JOIN mailbox b ON b.id = m.mailbox_id"
+            " WHERE blob_fts MATCH ? AND m.mailbox_id = ? AND b.account_id = ? AND " + " AND ".join(exact)
+        )
+
+        def fn(conn: sqlite3.Connection) -> SearchHits:
+            if conn.execute("SELECT 1 FROM mailbox WHERE id = ? AND account_id = ?",
+                            (mailbox_id, account_id)).fetchone() is None:
+                raise NotFound("no such mailbox")
+            hits = frozenset(Uid(r[0]) for r in conn.execute(sql, params))
+            rest = frozenset(Uid(r[0]) for r in conn.execute(
+                "SELECT m.uid FROM blob b INDEXED BY blob_unindexed JOIN message m ON m.blob_id = b.id"
+                " WHERE b.fts IS NOT 1 AND m.mailbox_id = ?", (mailbox_id,)))
+            return SearchHits(hits, rest)
+
+        return await self._read(fn)
+
+    async def sort_rows(self, account_id: AccountId, mailbox_id: MailboxId) -> list[tuple[Uid, BlobId, SortRow]] | None:
+        if not self.has_index:
+            return None
+
+        def fn(conn: sqlite3.Connection) -> list[tuple[Uid, BlobId, SortRow]]:
+            if conn.execute("SELECT 1 FROM mailbox WHERE id = ? AND account_id = ?",
+                            (mailbox_id, account_id)).fetchone() is None:
+                raise NotFound("no such mailbox")
+            conn.row_factory = None
+            try:
+                rows = conn.execute(
+                    "SELECT m.uid, m.blob_id, k.date, k.from_addr, k.to_addr, k.cc_addr, k.subject, k.display_from,"
+                    " k.display_to, k.message_id, k.refs, k.reply FROM message m JOIN blob_key k"
+                    " ON k.blob_id = m.blob_id WHERE m.mailbox_id = ?", (mailbox_id,)).fetchall()
+            finally:
+                conn.row_factory = sqlite3.Row
+            return [(r[0], r[1], SortRow._make(r[2:])) for r in rows]
+
+        return await self._read(fn)
 
     async def message_info(self, blob_id: BlobId) -> bytes:
         def fn(conn: sqlite3.Connection) -> bytes | None:
