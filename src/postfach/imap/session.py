@@ -1803,8 +1803,11 @@ class Session:
             if rows:
                 put = cache.put
                 from_row = st.keys_from_row
-                for _uid, blob_id, row in rows:
-                    put(blob_id, from_row(row))
+                view = self.sel.metas
+                for uid, row in rows:
+                    m = view.get(uid)
+                    if m is not None:
+                        put(m.blob_id, from_row(row))
                 missing = [m for m in missing if peek(m.blob_id) is None]
         for k in range(0, len(missing), 64):
             chunk = missing[k : k + 64]
@@ -1923,9 +1926,8 @@ class Session:
                     # of the same folded text the matcher compares with) or a metadata key: the
                     # matcher need only see the messages not indexed yet.
                     found, rest = hits.uids, hits.unindexed
-                    pred = meta_pred
                     metas = sel.metas
-                    matches = [(i + 1, u) for i, u in todo if u in found and pred(metas[u], i + 1)]
+                    matches = [(i + 1, u) for i, u in todo if u in found and meta_pred(metas[u], i + 1)]
                     todo = [(i, u) for i, u in todo if u in rest]
                     if not todo:
                         return matches

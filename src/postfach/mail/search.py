@@ -25,8 +25,8 @@ MIN_NEEDLE = 3
 
 def indexable(needle: str) -> bool:
     """Whether the index can answer a folded needle: three characters or more (trigrams) and no
-    line break (the index keeps each distinct body line once, see ``index_text``)."""
-    return len(needle) >= MIN_NEEDLE and "\n" not in needle
+    line break (the index keeps each distinct body line once, see ``index_text``) or NUL."""
+    return len(needle) >= MIN_NEEDLE and "\n" not in needle and "\0" not in needle
 
 
 def fold(s: str) -> str:

@@ -426,8 +426,8 @@ class Store(Protocol):
         cannot help (no usable needle, or a store without one).
         NotFound for a mailbox not of the account."""
 
-    async def sort_rows(self, account_id: AccountId, mailbox_id: MailboxId) -> list[tuple[Uid, BlobId, SortRow]] | None:
-        """(uid, blob id, SORT/THREAD keys) of the mailbox's messages whose blob has stored keys,
+    async def sort_rows(self, account_id: AccountId, mailbox_id: MailboxId) -> list[tuple[Uid, SortRow]] | None:
+        """(uid, SORT/THREAD keys) of the mailbox's messages whose blob has stored keys,
         in no particular order, in one query; messages missing from it need their MessageInfo.
         None for a store without stored keys. NotFound for a mailbox not of the account."""
 

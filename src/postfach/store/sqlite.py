@@ -36,6 +36,7 @@ marker of an unclean shutdown removes such files (see ``_recover``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -267,6 +268,19 @@ def _blob_row(b: _Blob) -> tuple[str, int, bytes | None, int | None, int | None]
     return (b.id, b.size, b.info, b.wire, 1 if b.index is not None else None)
 
 
+def _backfill_write(blobs: Sequence[_Blob], failed: Sequence[str]) -> Callable[[_Tx], None]:
+    def fn(tx: _Tx) -> None:
+        conn = tx.conn
+        # Blobs removed meanwhile have no row any more: nothing is inserted for them.
+        live = [b for b in blobs if conn.execute("SELECT 1 FROM blob WHERE id = ? AND fts IS NULL",
+                                                 (b.id,)).fetchone() is not None]
+        _insert_index(conn, live)
+        conn.executemany("UPDATE blob SET fts = 1 WHERE id = ?", [(b.id,) for b in live])
+        conn.executemany("UPDATE blob SET fts = 0 WHERE id = ? AND fts IS NULL", [(i,) for i in failed])
+
+    return fn
+
+
 def _insert_index(conn: sqlite3.Connection, blobs: Sequence[_Blob]) -> None:
     """Sort keys and full-text rows of new blobs (after their blob rows; a blob already indexed
     is left alone). The FTS5 rows follow from blob_text by trigger, in the same transaction."""
@@ -462,6 +476,7 @@ class SqliteStore:
         batch_sync: bool | None = None,
         ingest_threads: int | None = None,
         commit_delay: float = 0.002,
+        backfill_batch: int = 200,
     ) -> None:
         self.path = Path(path)
         self.group_commit_max = max(1, group_commit_max)
@@ -505,6 +520,9 @@ class SqliteStore:
         self.has_index = False  # schema 4: the full-text index and sort-key tables exist
         self._backfill: threading.Thread | None = None
         self._backfill_stop = threading.Event()
+        #: Blobs per backfill write (0: no backfill, for tests of the not-yet-indexed state).
+        self.backfill_batch = backfill_batch
+        self.backfilled = 0  # blobs the backfill has indexed (or found unindexable) since open
         self._blob_open_sql = ""
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -528,6 +546,10 @@ class SqliteStore:
         except sqlite3.Error:
             self._lconn = None  # point reads go through the reader threads instead
         self._open = True
+        if self.has_index and self.backfill_batch > 0:
+            self._backfill_stop.clear()
+            self._backfill = threading.Thread(target=self._backfill_main, name="postfach-store-backfill", daemon=True)
+            self._backfill.start()
 
     def _open_sync(self) -> None:
         try:
@@ -613,7 +635,12 @@ class SqliteStore:
         if not self._open:
             return
         self._open = False
-        # Ingest threads first: what they finish still goes to the writer before it stops.
+        # The backfill first (it waits for the writer), then the ingest threads: what they finish
+        # still goes to the writer before it stops.
+        self._backfill_stop.set()
+        if self._backfill is not None:
+            await asyncio.to_thread(self._backfill.join)
+            self._backfill = None
         for _ in self._ingesters:
             self._iq.put(None)
         for t in self._ingesters:
@@ -1158,6 +1185,56 @@ class SqliteStore:
                 fut.set_result(value)
             else:
                 fut.set_exception(value if isinstance(value, BaseException) else StoreError("write failed"))
+
+    # ------------------------------------------------------------------------------- backfill
+    def _backfill_main(self) -> None:
+        """Index the blobs stored before schema version 4 (fts NULL), in the background: read and
+        parse a batch here, then hand one write per batch to the writer (bounded, so that writes
+        of clients queue behind at most one batch). Until a blob is indexed, searches scan it."""
+        last = ""
+        total = 0
+        try:
+            conn = _connect(self._db_path)
+        except sqlite3.Error:
+            log.exception("store %s: full-text backfill cannot start", self.path)
+            return
+        try:
+            while not self._backfill_stop.is_set():
+                ids = [r[0] for r in conn.execute(
+                    "SELECT id FROM blob INDEXED BY blob_unindexed WHERE fts IS NOT 1 AND fts IS NULL AND id > ?"
+                    " ORDER BY id LIMIT ?", (last, self.backfill_batch))]
+                if not ids:
+                    break
+                last = ids[-1]
+                blobs: list[_Blob] = []
+                failed: list[str] = []
+                for blob_id in ids:
+                    try:
+                        data = self._blobs.read(blob_id)
+                    except (OSError, StoreError, NotFound):
+                        failed.append(blob_id)  # checked by `postfach check`; scanned meanwhile
+                        continue
+                    _info, index = _parse_for_ingest(data)
+                    if index is None:
+                        failed.append(blob_id)
+                    else:
+                        blobs.append(_Blob(blob_id, len(data), None, None, index))
+                    if self._backfill_stop.is_set():
+                        return
+                done: concurrent.futures.Future[None] = concurrent.futures.Future()
+                self._wq.put(_WriteRequest(_backfill_write(blobs, failed), done))  # type: ignore[arg-type]
+                try:
+                    done.result()
+                except Exception:
+                    log.exception("store %s: full-text backfill write failed; retried at the next open", self.path)
+                    return
+                total += len(ids)
+                self.backfilled = total
+                time.sleep(0.005)  # a breath for the readers between batches
+        finally:
+            conn.close()
+            if total:
+                log.info("store %s: full-text index built for %d blobs stored before it", self.path, total)
 
     # --------------------------------------------------------------------------------- ingest
     def _ingest_one(self, data: bytes) -> _Blob:
@@ -2099,15 +2176,17 @@ class SqliteStore:
             return None
         usable = [(f, n) for f, n in terms if indexable(n)]
         exact: list[str] = []
-        params: list[Any] = [query, mailbox_id, account_id]
+        params: list[Any] = [query, mailbox_id]
         for f, n in usable:
             cols = INDEX_FIELDS[f]
             exact.append("(" + " OR ".join(f"instr(t.{c}, ?) > 0" for c in cols) + ")")
             params.extend([n] * len(cols))
+        # CROSS JOIN fixes the order: the index first, then the few candidates' rows (left to
+        # itself the planner would walk the whole mailbox and ask the index per message).
         sql = (
-            "SELECT m.uid FROM blob_fts f JOIN blob_text t ON t.id = f.rowid JOIN blob_key k ON k.id = f.rowid"
-            " JOIN message m ON m.blob_id = k.blob_id JOIN mailbox b ON b.id = m.mailbox_id"
-            " WHERE blob_fts MATCH ? AND m.mailbox_id = ? AND b.account_id = ? AND " + " AND ".join(exact)
+            "SELECT m.uid FROM blob_fts f CROSS JOIN blob_text t CROSS JOIN blob_key k CROSS JOIN message m"
+            " WHERE blob_fts MATCH ? AND t.id = f.rowid AND k.id = f.rowid AND m.blob_id = k.blob_id"
+            " AND m.mailbox_id = ? AND " + " AND ".join(exact)
         )
 
         def fn(conn: sqlite3.Connection) -> SearchHits:
@@ -2122,23 +2201,23 @@ class SqliteStore:
 
         return await self._read(fn)
 
-    async def sort_rows(self, account_id: AccountId, mailbox_id: MailboxId) -> list[tuple[Uid, BlobId, SortRow]] | None:
+    async def sort_rows(self, account_id: AccountId, mailbox_id: MailboxId) -> list[tuple[Uid, SortRow]] | None:
         if not self.has_index:
             return None
 
-        def fn(conn: sqlite3.Connection) -> list[tuple[Uid, BlobId, SortRow]]:
+        def fn(conn: sqlite3.Connection) -> list[tuple[Uid, SortRow]]:
             if conn.execute("SELECT 1 FROM mailbox WHERE id = ? AND account_id = ?",
                             (mailbox_id, account_id)).fetchone() is None:
                 raise NotFound("no such mailbox")
             conn.row_factory = None
             try:
                 rows = conn.execute(
-                    "SELECT m.uid, m.blob_id, k.date, k.from_addr, k.to_addr, k.cc_addr, k.subject, k.display_from,"
-                    " k.display_to, k.message_id, k.refs, k.reply FROM message m JOIN blob_key k"
-                    " ON k.blob_id = m.blob_id WHERE m.mailbox_id = ?", (mailbox_id,)).fetchall()
+                    "SELECT uid, date, from_addr, to_addr, cc_addr, subject, display_from, display_to, message_id,"
+                    " refs, reply FROM message_key WHERE mailbox_id = ?", (mailbox_id,)).fetchall()
             finally:
                 conn.row_factory = sqlite3.Row
-            return [(r[0], r[1], SortRow._make(r[2:])) for r in rows]
+            make = SortRow._make
+            return [(r[0], make(r[1:])) for r in rows]
 
         return await self._read(fn)
 

@@ -23,6 +23,44 @@ CREATE TABLE blob_key (
     reply        INTEGER NOT NULL
 );
 
+-- The same keys per message, so that SORT/THREAD load a mailbox's keys with one range scan
+-- (100,000 messages: one pass over adjacent rows instead of 100,000 lookups by blob id). Kept by
+-- triggers: a message row brings its blob's keys along (append, copy, move), a blob indexed later
+-- (the backfill) hands them to its messages, an expunge takes them away.
+CREATE TABLE message_key (
+    mailbox_id   INTEGER NOT NULL,
+    uid          INTEGER NOT NULL,
+    date         REAL,
+    from_addr    TEXT NOT NULL,
+    to_addr      TEXT NOT NULL,
+    cc_addr      TEXT NOT NULL,
+    subject      TEXT NOT NULL,
+    display_from TEXT NOT NULL,
+    display_to   TEXT NOT NULL,
+    message_id   TEXT NOT NULL,
+    refs         TEXT NOT NULL,
+    reply        INTEGER NOT NULL,
+    PRIMARY KEY (mailbox_id, uid)
+) WITHOUT ROWID;
+
+CREATE TRIGGER message_key_ai AFTER INSERT ON message BEGIN
+    INSERT OR REPLACE INTO message_key
+        SELECT new.mailbox_id, new.uid, date, from_addr, to_addr, cc_addr, subject, display_from, display_to,
+               message_id, refs, reply
+        FROM blob_key WHERE blob_id = new.blob_id;
+END;
+
+CREATE TRIGGER message_key_ad AFTER DELETE ON message BEGIN
+    DELETE FROM message_key WHERE mailbox_id = old.mailbox_id AND uid = old.uid;
+END;
+
+CREATE TRIGGER blob_key_ai AFTER INSERT ON blob_key BEGIN
+    INSERT OR REPLACE INTO message_key
+        SELECT m.mailbox_id, m.uid, new.date, new.from_addr, new.to_addr, new.cc_addr, new.subject, new.display_from,
+               new.display_to, new.message_id, new.refs, new.reply
+        FROM message m WHERE m.blob_id = new.blob_id;
+END;
+
 -- The folded text the IMAP matcher compares with (postfach.mail.search.IndexText): the content of
 -- the full-text index (external content: the text is stored once, here).
 CREATE TABLE blob_text (
