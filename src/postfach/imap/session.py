@@ -1793,22 +1793,26 @@ class Session:
         never change), else from the keys the store made at ingest (the whole mailbox in one
         query), else from each message's cached MessageInfo, loaded 64 at a time."""
         cache = self._sort_keys
-        peek = cache.peek
-        keys = [peek(m.blob_id) for m in metas]
+        keys = cache.peek_many([m.blob_id for m in metas])
         if None not in keys:
             return keys
-        missing = list({m.blob_id: m for m, k in zip(metas, keys, strict=True) if k is None}.values())
-        if len(missing) > 64:
+        todo = [i for i, k in enumerate(keys) if k is None]
+        if len(todo) > 64:
             rows = await self.store.sort_rows(self.account_id, self.sel.mailbox_id)
             if rows:
-                put = cache.put
-                from_row = st.keys_from_row
-                view = self.sel.metas
-                for uid, row in rows:
-                    m = view.get(uid)
-                    if m is not None:
-                        put(m.blob_id, from_row(row))
-                missing = [m for m in missing if peek(m.blob_id) is None]
+                by_uid = dict(rows)
+                fresh: list[tuple[str, st.SortKeys]] = []
+                for i in todo:
+                    m = metas[i]
+                    got_keys = by_uid.get(m.uid)
+                    if got_keys is not None:
+                        keys[i] = got_keys
+                        fresh.append((m.blob_id, got_keys))
+                cache.put_many(fresh)
+                todo = [i for i in todo if keys[i] is None]
+        if not todo:
+            return keys
+        missing = list({metas[i].blob_id: metas[i] for i in todo}.values())
         for k in range(0, len(missing), 64):
             chunk = missing[k : k + 64]
             got = await asyncio.gather(*(self._info(m) for m in chunk), return_exceptions=True)
@@ -1817,35 +1821,51 @@ class Session:
                     cache.put(m.blob_id, st.keys_from_row(sort_row(inf)))
                 elif not isinstance(inf, NotFound):
                     raise inf
-        return [peek(m.blob_id) for m in metas]
+        peek = cache.peek
+        for i in todo:
+            keys[i] = peek(metas[i].blob_id)
+        return keys
 
     async def _sort_items(self, matches: list[tuple[int, Uid]]) -> list[st.Item]:
         all_metas = self.sel.metas
         metas = [all_metas[u] for _, u in matches]
-        items = []
         make = st.item
-        for (seq, uid), meta, keys in zip(matches, metas, await self._sort_keys_of(metas), strict=True):
-            if keys is not None:  # else expunged meanwhile
-                items.append(make(seq, uid, meta.size, meta.internaldate.timestamp(), keys))
-        return items
+        return [make(seq, uid, meta.size, meta.internaldate.timestamp(), keys)
+                for (seq, uid), meta, keys in zip(matches, metas, await self._sort_keys_of(metas), strict=True)
+                if keys is not None]  # else expunged meanwhile
 
     async def _sort_one(self, matches: list[tuple[int, Uid]], name: str, reverse: bool,
                         uid: bool) -> list[int]:
         """One sort criterion (what clients send): keys straight into a list and one stable
-        sort of positions, without an Item per message."""
+        sort of positions, without an Item per message. With the keys not cached yet (the
+        first SORT after a start), only the one key is loaded, for the whole mailbox at once."""
         all_metas = self.sel.metas
         metas = [all_metas[u] for _, u in matches]
-        keys = await self._sort_keys_of(metas)
+        attr = "date" if name == "DATE" else st.KEY_ATTRS.get(name)
+        keys: list[Any] = self._sort_keys.peek_many([m.blob_id for m in metas])
+        if attr is not None and keys.count(None) > 64:
+            column = await self.store.sort_column(self.account_id, self.sel.mailbox_id, attr)
+            if column is not None:
+                got = [column.get(m.uid, _NO_KEY) for m in metas]
+                if _NO_KEY not in got:  # else some are not indexed: the full keys below
+                    keys = got
+                    attr = None if name == "DATE" else ""
+        if attr is not None:
+            keys = await self._sort_keys_of(metas)
         vals: list[Any]
         if name == "ARRIVAL":
             vals = [m.internaldate for m in metas]
         elif name == "SIZE":
             vals = [m.size for m in metas]
+        elif attr is None:  # DATE from the one column: (sent date or None) per message
+            vals = [k if k is not None else m.internaldate.timestamp() for m, k in zip(metas, keys, strict=True)]
+            keys = metas  # every message has its value
+        elif attr == "":  # another key from the one column
+            vals = keys
         elif name == "DATE":
             vals = [k.date if k is not None and k.date is not None else m.internaldate.timestamp()
                     for m, k in zip(metas, keys, strict=True)]
         else:
-            attr = st.KEY_ATTRS[name]
             vals = [getattr(k, attr) if k is not None else "" for k in keys]
         order = sorted(range(len(vals)), key=vals.__getitem__, reverse=reverse)
         col = 1 if uid else 0
@@ -2222,6 +2242,8 @@ class _MatchCtx:
             self._text = msearch.body_text(self.data, self.info)
         return self._text
 
+
+_NO_KEY = object()  # a message missing from Store.sort_column
 
 _INDEX_HEADERS = frozenset({"subject", "from", "to", "cc", "bcc"})
 

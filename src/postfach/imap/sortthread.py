@@ -337,5 +337,8 @@ def format_threads(roots: Sequence[Node], uid: bool) -> str:
             text = f"{text} {nested}" if text else nested
         return text
 
-    # Recursion happens only at branches (a thread nests as deep as it branches).
-    return "".join("(" + one(r) + ")" for r in roots)
+    # Recursion happens only at branches (a thread nests as deep as it branches). A message
+    # alone in its thread (most of a big mailbox) is just "(n)".
+    col = 1 if uid else 0
+    return "".join(f"({r.item[col]})" if r.item is not None and not r.children else "(" + one(r) + ")"
+                   for r in roots)

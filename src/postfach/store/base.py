@@ -431,6 +431,11 @@ class Store(Protocol):
         in no particular order, in one query; messages missing from it need their MessageInfo.
         None for a store without stored keys. NotFound for a mailbox not of the account."""
 
+    async def sort_column(self, account_id: AccountId, mailbox_id: MailboxId, field: str) -> dict[Uid, object] | None:
+        """One field of ``SortRow`` (``date``, ``from_``, ``subject`` ...) per uid, for the
+        mailbox's messages with stored keys: the lean form of ``sort_rows`` for a SORT by one
+        key. None for a store without stored keys. NotFound as ``sort_rows``."""
+
     # --- change feed ------------------------------------------------------------------------------
     def subscribe(self, account_id: AccountId) -> Subscription:
         """In-process feed of every change to the account's mail (IMAP IDLE, POP3)."""

@@ -63,6 +63,13 @@ INDEX_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: SortRow field -> its column in the key tables (message_key / blob_index), for Store.sort_column.
+SORT_COLUMNS: dict[str, str] = {
+    "date": "date", "from_": "from_addr", "to": "to_addr", "cc": "cc_addr", "subject": "subject",
+    "display_from": "display_from", "display_to": "display_to",
+}
+
+
 def trigrams(needle: str) -> list[str]:
     """The distinct trigrams of a folded needle, in order of first appearance."""
     return list(dict.fromkeys(needle[i : i + 3] for i in range(len(needle) - 2)))

@@ -86,11 +86,11 @@ from postfach.store.base import (
     SearchHits,
     StoreFlagsResult,
 )
+from postfach.store.common import SORT_COLUMNS, normalize_flags
 from postfach.store.common import Subscription as _Subscription
 from postfach.store.common import apply_flag_op as _apply_flag_op
 from postfach.store.common import norm_address as _norm_address
 from postfach.store.common import norm_mailbox_name as _norm_mailbox_name
-from postfach.store.common import normalize_flags
 from postfach.store.common import parse_for_ingest as _parse_for_ingest
 from postfach.store.common import parse_info as _parse_info
 from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
@@ -266,6 +266,7 @@ _PG_INDEX_COLUMNS: dict[str, tuple[str, ...]] = {
     "subject": ("t_subject",), "from": ("t_from",), "to": ("t_to",), "cc": ("t_cc",), "bcc": ("t_bcc",),
     "body": ("t_body",), "text": ("t_header", "t_body"),
 }
+
 
 _INDEX_INSERT = (
     "INSERT INTO blob_index (blob_id, date, from_addr, to_addr, cc_addr, subject, display_from, display_to,"
@@ -1918,6 +1919,20 @@ class PostgresStore:
                 " k.display_to, k.message_id, k.refs, k.reply FROM message m JOIN blob_index k"
                 " ON k.blob_id = m.blob_id WHERE m.mailbox_id = $1", mailbox_id)
             return [(Uid(r[0]), SortRow._make(tuple(r)[1:])) for r in rows]
+
+        return await self._read(fn, snapshot=True)
+
+    async def sort_column(self, account_id: AccountId, mailbox_id: MailboxId, field: str) -> dict[Uid, object] | None:
+        column = SORT_COLUMNS[field]
+        if self.schema_version < 4:
+            return None
+
+        async def fn(conn: Conn) -> dict[Uid, object]:
+            await self._mailbox_row(conn, account_id, mailbox_id)
+            rows = await conn.fetch(
+                f"SELECT m.uid, k.{column} FROM message m JOIN blob_index k ON k.blob_id = m.blob_id"
+                " WHERE m.mailbox_id = $1", mailbox_id)
+            return {Uid(r[0]): r[1] for r in rows}
 
         return await self._read(fn, snapshot=True)
 

@@ -93,7 +93,7 @@ from postfach.store.base import (
     StoreFlagsResult,
 )
 from postfach.store.blobs import FileBlobStore, fsync_dir, os_error, sha256_hex, wire_flags
-from postfach.store.common import INDEX_FIELDS, fts_query, normalize_flags
+from postfach.store.common import INDEX_FIELDS, SORT_COLUMNS, fts_query, normalize_flags
 from postfach.store.common import Subscription as _Subscription
 from postfach.store.common import apply_flag_op as _apply_flag_op
 from postfach.store.common import norm_address as _norm_address
@@ -260,6 +260,8 @@ _TEXT_INSERT = (
     " SELECT k.id, ?, ?, ?, ?, ?, ?, ?, ? FROM blob_key k WHERE k.blob_id = ?"
     " AND NOT EXISTS (SELECT 1 FROM blob_text t WHERE t.id = k.id)"
 )
+
+
 
 
 def _blob_row(b: _Blob) -> tuple[str, int, bytes | None, int | None, int | None]:
@@ -2218,6 +2220,23 @@ class SqliteStore:
                 conn.row_factory = sqlite3.Row
             make = SortRow._make
             return [(r[0], make(r[1:])) for r in rows]
+
+        return await self._read(fn)
+
+    async def sort_column(self, account_id: AccountId, mailbox_id: MailboxId, field: str) -> dict[Uid, object] | None:
+        column = SORT_COLUMNS[field]
+        if not self.has_index:
+            return None
+
+        def fn(conn: sqlite3.Connection) -> dict[Uid, object]:
+            if conn.execute("SELECT 1 FROM mailbox WHERE id = ? AND account_id = ?",
+                            (mailbox_id, account_id)).fetchone() is None:
+                raise NotFound("no such mailbox")
+            conn.row_factory = None
+            try:
+                return dict(conn.execute(f"SELECT uid, {column} FROM message_key WHERE mailbox_id = ?", (mailbox_id,)))
+            finally:
+                conn.row_factory = sqlite3.Row
 
         return await self._read(fn)
 
