@@ -107,10 +107,12 @@ def index_text(data: bytes, info: MessageInfo) -> IndexText:
     either. The body keeps each distinct line once, in order of first appearance: a needle
     without a line break is a substring of the text exactly when it is a substring of one of its
     lines, so the answer stays exact while quoted replies, repeated HTML rows and signatures
-    cost the index (built in the store's single writer) nothing."""
-    s, f, t, c, b = (v if v != ABSENT else "" for v in header_fields(info)[:5])
-    body = "\n".join(dict.fromkeys(body_text(data, info).split("\n")))
-    return IndexText(s, f, t, c, b, header_text(data, info), body, attachment_names(info))
+    cost the index (built in the store's single writer) nothing. A NUL becomes a line break
+    (PostgreSQL text cannot hold it; no ``indexable`` needle spans either)."""
+    s, f, t, c, b = (v.replace("\0", "\n") if v != ABSENT else "" for v in header_fields(info)[:5])
+    body = "\n".join(dict.fromkeys(body_text(data, info).replace("\0", "\n").split("\n")))
+    return IndexText(s, f, t, c, b, header_text(data, info).replace("\0", "\n"), body,
+                     attachment_names(info).replace("\0", "\n"))
 
 
 class SortRow(NamedTuple):

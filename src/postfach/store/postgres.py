@@ -279,7 +279,7 @@ _INDEX_INSERT = (
 
 
 def _pg_text(s: str) -> str:
-    return s.replace("\x00", "")  # PostgreSQL text cannot hold NUL (the index never needs one)
+    return s.replace("\x00", "\n")  # PostgreSQL text cannot hold NUL (IndexText has none already)
 
 
 async def _insert_index(conn: Conn, blobs: Sequence[_Blob]) -> None:

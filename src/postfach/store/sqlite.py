@@ -2496,6 +2496,14 @@ class SqliteStore:
                     problems.append(Problem("bad-hash", f"blob {blob_id}: file content has sha256 {h.hexdigest()}"))
                 if n != size:
                     problems.append(Problem("bad-size", f"blob {blob_id}: row says {size} bytes, file has {n}"))
+            if self.has_index:
+                # Blobs not indexed yet (fts NULL) are fine: the backfill takes them, searches
+                # scan them. A blob marked indexed must have its rows.
+                for r in conn.execute(
+                    "SELECT b.id FROM blob b WHERE b.fts = 1 AND NOT EXISTS"
+                    " (SELECT 1 FROM blob_key k JOIN blob_text t ON t.id = k.id WHERE k.blob_id = b.id)"
+                ):
+                    problems.append(Problem("index", f"blob {r[0]}: marked indexed but its index rows are missing"))
             for r in conn.execute(
                 "SELECT a.id, a.address, a.used_bytes, a.used_messages,"
                 " (SELECT coalesce(sum(m.size), 0) FROM message m JOIN mailbox b ON b.id = m.mailbox_id"
