@@ -140,3 +140,40 @@ async def test_unindexed_blobs_are_scanned(tmp_path: Path) -> None:
     finally:
         await env.store.close()
         await ref_env.store.close()
+
+
+async def untagged(peer: Peer, line: str, prefix: bytes) -> bytes:
+    await peer.feed(line.encode())
+    got = await peer.lines()
+    assert got[-1].split()[1] == b"OK", got
+    return next(x for x in got if x.startswith(prefix))
+
+
+@pytest.mark.asyncio
+async def test_sort_and_thread_answers_follow_the_mailbox(tmp_path: Path) -> None:
+    """Repeated SORT/THREAD answers come from a small cache keyed by the messages asked about:
+    a new message, an expunge or another search key gives a new answer."""
+    peer, env = await login(tmp_path / "c", indexed=True)
+    try:
+        first = await untagged(peer, "a1 UID THREAD REFERENCES UTF-8 ALL", b"* THREAD")
+        assert await untagged(peer, "a2 UID THREAD REFERENCES UTF-8 ALL", b"* THREAD") == first
+        sort1 = await untagged(peer, "a3 UID SORT (REVERSE SUBJECT) UTF-8 ALL", b"* SORT")
+        mb = await env.store.get_mailbox(env.account_id, "INBOX")
+        assert mb is not None
+        reply = (b"From: x@example.org\r\nSubject: Re: Dessert\r\nMessage-ID: <r1@x>\r\nIn-Reply-To: <m2@x>\r\n"
+                 b"Date: Sat, 28 Nov 2026 09:00:00 +0000\r\n\r\nyes\r\n")
+        await env.store.append(env.account_id, mb.id, reply)
+        await peer.feed(b"n NOOP")
+        await peer.lines()
+        second = await untagged(peer, "a4 UID THREAD REFERENCES UTF-8 ALL", b"* THREAD")
+        assert second != first and b"(2 (7)(8))" in second, second
+        sort2 = await untagged(peer, "a5 UID SORT (REVERSE SUBJECT) UTF-8 ALL", b"* SORT")
+        assert sort2 != sort1 and b" 8" in sort2
+        assert await untagged(peer, "a6 UID SORT (REVERSE SUBJECT) UTF-8 SEEN", b"* SORT") != sort2
+        await peer.feed(b"d UID STORE 8 +FLAGS (\\Deleted)")
+        await peer.feed(b"x EXPUNGE")
+        await peer.lines()
+        assert await untagged(peer, "a7 UID THREAD REFERENCES UTF-8 ALL", b"* THREAD") == first
+        assert await untagged(peer, "a8 THREAD REFERENCES UTF-8 ALL", b"* THREAD") == first  # seqs = uids here
+    finally:
+        await env.store.close()
