@@ -257,11 +257,12 @@ _KEY_INSERT = (
 )
 _TEXT_INSERT = (
     "INSERT INTO blob_text (id, subject, sender, rcpt_to, cc, bcc, header, body, names)"
-    " SELECT k.id, ?, ?, ?, ?, ?, ?, ?, ? FROM blob_key k WHERE k.blob_id = ?"
-    " AND NOT EXISTS (SELECT 1 FROM blob_text t WHERE t.id = k.id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
+_FTS_INSERT = (
+    "INSERT INTO blob_fts (rowid, subject, sender, rcpt_to, cc, bcc, header, body, names)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def _blob_row(b: _Blob) -> tuple[str, int, bytes | None, int | None, int | None]:
@@ -285,12 +286,20 @@ def _backfill_write(blobs: Sequence[_Blob], failed: Sequence[str]) -> Callable[[
 
 def _insert_index(conn: sqlite3.Connection, blobs: Sequence[_Blob]) -> None:
     """Sort keys and full-text rows of new blobs (after their blob rows; a blob already indexed
-    is left alone). The FTS5 rows follow from blob_text by trigger, in the same transaction."""
-    indexed = [b for b in blobs if b.index is not None]
+    is left alone), in the caller's transaction."""
+    indexed = {b.id: b for b in blobs if b.index is not None}
     if not indexed:
         return
-    conn.executemany(_KEY_INSERT, [(b.id, *b.index[0]) for b in indexed])  # type: ignore[index]
-    conn.executemany(_TEXT_INSERT, [(*b.index[1], b.id) for b in indexed])  # type: ignore[index]
+    conn.executemany(_KEY_INSERT, [(b.id, *b.index[0]) for b in indexed.values()])  # type: ignore[index]
+    rows = []
+    for chunk in _chunks(list(indexed), 500):
+        for kid, blob_id in conn.execute(
+            "SELECT k.id, k.blob_id FROM blob_key k WHERE k.blob_id IN (" + ",".join("?" * len(chunk)) + ")"
+            " AND NOT EXISTS (SELECT 1 FROM blob_text t WHERE t.id = k.id)", chunk
+        ):
+            rows.append((kid, *indexed[blob_id].index[1]))  # type: ignore[index]
+    conn.executemany(_TEXT_INSERT, rows)
+    conn.executemany(_FTS_INSERT, rows)
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ CREATE INDEX blob_unindexed ON blob(id) WHERE fts IS NOT 1;
 -- SORT/THREAD keys (postfach.mail.search.SortRow), one row per indexed blob; its integer id is
 -- also the rowid of the blob's full-text row.
 CREATE TABLE blob_key (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           INTEGER PRIMARY KEY,  -- reused after a delete: the triggers clear every row first
     blob_id      TEXT NOT NULL UNIQUE REFERENCES blob(id),
     date         REAL,     -- sent date, UTC timestamp; NULL when absent
     from_addr    TEXT NOT NULL,
@@ -83,10 +83,9 @@ CREATE VIRTUAL TABLE blob_fts USING fts5(
     content='blob_text', content_rowid='id', tokenize='trigram case_sensitive 1', detail=column
 );
 
-CREATE TRIGGER blob_text_ai AFTER INSERT ON blob_text BEGIN
-    INSERT INTO blob_fts (rowid, subject, sender, rcpt_to, cc, bcc, header, body, names)
-    VALUES (new.id, new.subject, new.sender, new.rcpt_to, new.cc, new.bcc, new.header, new.body, new.names);
-END;
+-- Rows go into blob_fts with the same statement values as into blob_text (store/sqlite.py
+-- _insert_index), not by trigger: FTS5 flushes its pending terms at every savepoint, and a trigger
+-- runs in one, which made each insert four times dearer.
 
 CREATE TRIGGER blob_text_ad AFTER DELETE ON blob_text BEGIN
     INSERT INTO blob_fts (blob_fts, rowid, subject, sender, rcpt_to, cc, bcc, header, body, names)
