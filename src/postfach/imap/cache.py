@@ -31,6 +31,23 @@ class LruCache(Generic[K, T]):
         hit = self._items.get(key)
         return None if hit is None else hit[0]
 
+    def peek_many(self, keys: list[K]) -> list[T | None]:
+        """``peek`` of every key, in one pass (SORT/THREAD over 100k messages)."""
+        get = self._items.get
+        return [None if (hit := get(k)) is None else hit[0] for k in keys]
+
+    def put_many(self, pairs: list[tuple[K, T]]) -> None:
+        """``put`` of many entries of cost 1 at once (a mailbox's sort keys from the store)."""
+        items = self._items
+        old = [items.pop(k) for k, _ in pairs if k in items]
+        self.cost -= sum(c for _, c in old)
+        before = len(items)
+        items.update((k, (v, 1)) for k, v in pairs)
+        self.cost += len(items) - before
+        while len(items) > self.max_items or self.cost > self.max_cost:
+            _, (_, c) = items.popitem(last=False)
+            self.cost -= c
+
     def put(self, key: K, value: T, cost: int = 1) -> None:
         if cost > self.max_cost // 8:
             return

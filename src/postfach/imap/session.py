@@ -12,10 +12,11 @@ import base64
 import binascii
 import contextlib
 import enum
+import gc
 import logging
 import re
 from bisect import bisect_left, bisect_right
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
@@ -34,7 +35,7 @@ from postfach.errors import (
 )
 from postfach.imap import commands as c
 from postfach.imap import metadata as md
-from postfach.imap import multisearch as msearch
+from postfach.imap import multisearch as multi
 from postfach.imap import responses as r
 from postfach.imap import sortthread as st
 from postfach.imap.cache import (
@@ -51,8 +52,10 @@ from postfach.imap.cache import (
 )
 from postfach.imap.parser import ParseError, parse
 from postfach.imap.selected import BadSequence, MailboxView, SelectedMailbox, ViewCache
+from postfach.mail import search as msearch
 from postfach.mail.headers import field_spans, header_end
-from postfach.mail.model import Address, MessageInfo
+from postfach.mail.model import MessageInfo
+from postfach.mail.search import sort_row
 from postfach.store.base import (
     HIERARCHY_DELIMITER,
     SYSTEM_FLAGS,
@@ -169,22 +172,8 @@ def pattern_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(rx + r"\Z", re.DOTALL)
 
 
-def _fold(s: str) -> str:
-    return s.casefold()
-
-
-def _addresses_text(addrs: tuple[Address, ...] | None) -> str:
-    if not addrs:
-        return ""
-    out = []
-    for a in addrs:
-        if a.host is None:
-            if a.mailbox:
-                out.append(a.mailbox + ":")
-            continue
-        name = mail.decode_2047(a.name) + " " if a.name else ""
-        out.append(f"{name}<{a.mailbox}@{a.host}>")
-    return ", ".join(out)
+_fold = msearch.fold
+_addresses_text = msearch.addresses_text
 
 
 class Session:
@@ -223,6 +212,9 @@ class Session:
             SEARCH_CACHE_KEY, search_cache())
         self._sort_keys: LruCache[str, st.SortKeys] = ctx.services.setdefault(
             SORT_CACHE_KEY, LruCache(max_items=500_000, max_cost=500_000))
+        # Recent SORT/THREAD answers (see _result_key), process-wide: a few big mailboxes' worth.
+        self._st_results: LruCache[tuple[object, ...], object] = ctx.services.setdefault(
+            "imap.sortthread_results", LruCache(max_items=16, max_cost=16 * 8))
         self._sasl: sasl_mod.Mechanism | None = None
         self._sasl_tag = ""
         self._idle_tag = ""
@@ -1845,53 +1837,97 @@ class Session:
     # ---------------------------------------------------------------- SORT / THREAD (RFC 5256)
     async def _sort_keys_of(self, metas: list[MessageMeta]) -> list[st.SortKeys | None]:
         """Sort keys per message (None: expunged meanwhile): from the process-wide cache (blobs
-        never change), else from each message's cached MessageInfo, loaded 64 at a time."""
+        never change), else from the keys the store made at ingest (the whole mailbox in one
+        query), else from each message's cached MessageInfo, loaded 64 at a time."""
         cache = self._sort_keys
-        peek = cache.peek
-        keys = [peek(m.blob_id) for m in metas]
+        keys = cache.peek_many([m.blob_id for m in metas])
         if None not in keys:
             return keys
-        missing = list({m.blob_id: m for m, k in zip(metas, keys, strict=True) if k is None}.values())
+        todo = [i for i, k in enumerate(keys) if k is None]
+        if len(todo) > 64:
+            rows = await self.store.sort_rows(self.account_id, self.sel.mailbox_id)
+            if rows:
+                by_uid = dict(rows)
+                fresh: list[tuple[str, st.SortKeys]] = []
+                for i in todo:
+                    m = metas[i]
+                    got_keys = by_uid.get(m.uid)
+                    if got_keys is not None:
+                        keys[i] = got_keys
+                        fresh.append((m.blob_id, got_keys))
+                cache.put_many(fresh)
+                todo = [i for i in todo if keys[i] is None]
+        if not todo:
+            return keys
+        missing = list({metas[i].blob_id: metas[i] for i in todo}.values())
         for k in range(0, len(missing), 64):
             chunk = missing[k : k + 64]
             got = await asyncio.gather(*(self._info(m) for m in chunk), return_exceptions=True)
             for m, inf in zip(chunk, got, strict=True):
                 if isinstance(inf, MessageInfo):
-                    cache.put(m.blob_id, st.make_keys(
-                        inf.subject, inf.base_subject, inf.date, inf.from_addr, inf.to_addr,
-                        inf.cc_addr, inf.display_from, inf.display_to, inf.message_id,
-                        inf.in_reply_to, inf.references))
+                    cache.put(m.blob_id, st.keys_from_row(sort_row(inf)))
                 elif not isinstance(inf, NotFound):
                     raise inf
-        return [peek(m.blob_id) for m in metas]
+        peek = cache.peek
+        for i in todo:
+            keys[i] = peek(metas[i].blob_id)
+        return keys
+
+    def _result_key(self, what: tuple[object, ...], matches: list[tuple[int, Uid]], uid: bool) -> tuple[object, ...]:
+        """Key of a SORT/THREAD answer: the same messages (uids, and seqs when those are the
+        answer) of the same mailbox give the same answer, since sort keys come from blobs that
+        never change. A client refreshing its threaded view asks again and again."""
+        sel = self.sel
+        return (sel.mailbox_id, sel.uidvalidity, what, uid, tuple([u for _, u in matches]),
+                None if uid else tuple([q for q, _ in matches]))
 
     async def _sort_items(self, matches: list[tuple[int, Uid]]) -> list[st.Item]:
         all_metas = self.sel.metas
-        metas = [all_metas[u] for _, u in matches]
-        items = []
+        keys = await self._sort_keys_of([all_metas[u] for _, u in matches])
+        return self._items_of(matches, keys)
+
+    def _items_of(self, matches: list[tuple[int, Uid]], keys: list[st.SortKeys | None]) -> list[st.Item]:
+        all_metas = self.sel.metas
         make = st.item
-        for (seq, uid), meta, keys in zip(matches, metas, await self._sort_keys_of(metas), strict=True):
-            if keys is not None:  # else expunged meanwhile
-                items.append(make(seq, uid, meta.size, meta.internaldate.timestamp(), keys))
-        return items
+        out = []
+        for (seq, uid), k in zip(matches, keys, strict=True):
+            if k is not None:  # else expunged meanwhile
+                meta = all_metas[uid]
+                out.append(make(seq, uid, meta.size, meta.internaldate.timestamp(), k))
+        return out
 
     async def _sort_one(self, matches: list[tuple[int, Uid]], name: str, reverse: bool,
                         uid: bool) -> list[int]:
         """One sort criterion (what clients send): keys straight into a list and one stable
-        sort of positions, without an Item per message."""
+        sort of positions, without an Item per message. With the keys not cached yet (the
+        first SORT after a start), only the one key is loaded, for the whole mailbox at once."""
         all_metas = self.sel.metas
         metas = [all_metas[u] for _, u in matches]
-        keys = await self._sort_keys_of(metas)
+        attr = "date" if name == "DATE" else st.KEY_ATTRS.get(name)
+        keys: list[Any] = self._sort_keys.peek_many([m.blob_id for m in metas])
+        if attr is not None and keys.count(None) > 64:
+            column = await self.store.sort_column(self.account_id, self.sel.mailbox_id, attr)
+            if column is not None:
+                got = [column.get(m.uid, _NO_KEY) for m in metas]
+                if _NO_KEY not in got:  # else some are not indexed: the full keys below
+                    keys = got
+                    attr = None if name == "DATE" else ""
+        if attr is not None:
+            keys = await self._sort_keys_of(metas)
         vals: list[Any]
         if name == "ARRIVAL":
             vals = [m.internaldate for m in metas]
         elif name == "SIZE":
             vals = [m.size for m in metas]
+        elif attr is None:  # DATE from the one column: (sent date or None) per message
+            vals = [k if k is not None else m.internaldate.timestamp() for m, k in zip(metas, keys, strict=True)]
+            keys = metas  # every message has its value
+        elif attr == "":  # another key from the one column
+            vals = keys
         elif name == "DATE":
             vals = [k.date if k is not None and k.date is not None else m.internaldate.timestamp()
                     for m, k in zip(metas, keys, strict=True)]
         else:
-            attr = st.KEY_ATTRS[name]
             vals = [getattr(k, attr) if k is not None else "" for k in keys]
         order = sorted(range(len(vals)), key=vals.__getitem__, reverse=reverse)
         col = 1 if uid else 0
@@ -1902,11 +1938,17 @@ class Session:
             raise CommandRefused("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
         matches = await self._search_matches(self._bind_saved(cmd.key))
         values: list[int]
-        if len(cmd.criteria) == 1:
+        memo = self._result_key(("SORT", *cmd.criteria), matches, cmd.uid)
+        hit = self._st_results.get(memo)
+        if isinstance(hit, list):
+            values = hit
+        elif len(cmd.criteria) == 1:
             values = await self._sort_one(matches, cmd.criteria[0][0], cmd.criteria[0][1], cmd.uid)
         else:
             ordered = st.sort_order(await self._sort_items(matches), cmd.criteria)
             values = [it.uid if cmd.uid else it.seq for it in ordered]
+        if len(values) == len(matches):  # nothing expunged meanwhile: the answer is the answer
+            self._st_results.put(memo, values)
         if cmd.return_opts is None:
             await self._send(b"* SORT" + b"".join(b" %d" % v for v in values) + b"\r\n")
         else:
@@ -1932,10 +1974,18 @@ class Session:
             raise CommandRefused("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
         if cmd.algorithm not in ("ORDEREDSUBJECT", "REFERENCES"):
             raise CommandBad("Unknown threading algorithm")
-        items = await self._sort_items(await self._search_matches(self._bind_saved(cmd.key)))
-        algo = st.thread_references if cmd.algorithm == "REFERENCES" else st.thread_orderedsubject
-        roots = algo(items)
-        text = st.format_threads(roots, cmd.uid)
+        matches = await self._search_matches(self._bind_saved(cmd.key))
+        memo = self._result_key(("THREAD", cmd.algorithm), matches, cmd.uid)
+        text = self._st_results.get(memo)
+        if not isinstance(text, str):
+            algo = st.thread_references if cmd.algorithm == "REFERENCES" else st.thread_orderedsubject
+            keys = await self._sort_keys_of([self.sel.metas[u] for _, u in matches])
+            with _no_gc():  # 2 objects per message, all garbage in a moment: no collector passes
+                items = self._items_of(matches, keys)
+                text = st.format_threads(algo(items), cmd.uid)
+                del items
+            if None not in keys:
+                self._st_results.put(memo, text)
         await self._send(b"* THREAD " + text.encode() + b"\r\n" if text else b"* THREAD\r\n")
         await self._refresh(allow_expunge=cmd.uid)
         await self._ok(cmd.tag, "THREAD completed")
@@ -1962,9 +2012,30 @@ class Session:
         matches: list[tuple[int, Uid]] = []
         rev1 = not self.rev2
         cache = self._search_fields
+        # (position, uid) of the messages to look at: all, or what the full-text index leaves.
+        todo: Sequence[tuple[int, Uid]] = list(enumerate(sel.uids))
+        terms = _index_terms(key) if needs else []
+        if terms:
+            hits = await self.store.search_index(self.account_id, sel.mailbox_id, terms)
+            if hits is not None:
+                meta_pred = _compile_meta(_meta_part(key), sel, rev1, now) if _index_answers(key) else None
+                if meta_pred is not None:
+                    # Every part of the key is a text key the index answered exactly (a substring
+                    # of the same folded text the matcher compares with) or a metadata key: the
+                    # matcher need only see the messages not indexed yet.
+                    found, rest = hits.uids, hits.unindexed
+                    metas = sel.metas
+                    matches = [(i + 1, u) for i, u in todo if u in found and meta_pred(metas[u], i + 1)]
+                    todo = [(i, u) for i, u in todo if u in rest]
+                    if not todo:
+                        return matches
+                else:
+                    cand = hits.uids | hits.unindexed
+                    todo = [(i, u) for i, u in todo if u in cand]
         if needs == 1:
             # Header keys: decoded fields per blob, loaded in parallel once and cached.
-            missing = [m for m in sel.metas.values() if cache.get(m.blob_id) is None]
+            metas = sel.metas
+            missing = [metas[u] for _, u in todo if cache.get(metas[u].blob_id) is None]
             for k in range(0, len(missing), 64):
                 chunk = missing[k : k + 64]
                 got = await asyncio.gather(*(self._info(m) for m in chunk), return_exceptions=True)
@@ -1979,7 +2050,7 @@ class Session:
             idx = _FIELD_INDEX[str(key.args[0]).lower()]
             needle = _fold(str(key.args[1]))
             metas = sel.metas
-            for i, uid in enumerate(sel.uids):
+            for i, uid in todo:
                 f = cache.get(metas[uid].blob_id)
                 if f is not None and f[idx] != "\0" and needle in f[idx]:
                     matches.append((i + 1, uid))
@@ -1987,9 +2058,9 @@ class Session:
         if pred is not None:
             # Metadata-only keys (flags, sizes, dates, sets): a compiled predicate, no context.
             metas = sel.metas
-            matches.extend((i + 1, uid) for i, uid in enumerate(sel.uids) if pred(metas[uid], i + 1))
+            matches.extend((i + 1, uid) for i, uid in todo if pred(metas[uid], i + 1))
             fast = True
-        for i, uid in enumerate(() if fast else sel.uids):
+        for i, uid in () if fast else todo:
             meta = sel.metas[uid]
             info: MessageInfo | None = None
             data: bytes | None = None
@@ -2007,6 +2078,8 @@ class Session:
             ctx = _MatchCtx(i + 1, meta, info, data, sel, rev1, now, fields)
             if _match(key, ctx):
                 matches.append((i + 1, uid))
+        if terms:
+            matches.sort()
         return matches
 
     async def _search(self, cmd: c.Search) -> None:
@@ -2103,7 +2176,7 @@ _HANDLERS: dict[type[c.Command], Callable[[Session, Any], Awaitable[Next | None]
     c.SetQuota: Session._setquota,
     c.GetMetadata: md.getmetadata,
     c.SetMetadata: md.setmetadata,
-    c.ESearch: msearch.esearch,
+    c.ESearch: multi.esearch,
 }
 
 
@@ -2223,14 +2296,9 @@ _FIELD_INDEX = {"subject": 0, "from": 1, "to": 2, "cc": 3, "bcc": 4}
 
 
 def _search_fields(info: MessageInfo) -> tuple[str, ...]:
-    """(subject, from, to, cc, bcc, sent date ISO) folded for matching; "\0" marks absence."""
-    env = info.envelope
-    vals = [info.subject if env.subject is not None else "\0"]
-    for addrs in (env.from_, env.to, env.cc, env.bcc):
-        vals.append("\0" if addrs is None else _addresses_text(addrs))
-    vals = [v if v == "\0" else _fold(v) for v in vals]
-    vals.append(info.date.isoformat() if info.date is not None else "")
-    return tuple(vals)
+    """(subject, from, to, cc, bcc, sent date ISO) folded for matching; "\0" marks absence.
+    The same strings the store's full-text index holds (postfach.mail.search)."""
+    return msearch.header_fields(info)
 
 
 class _MatchCtx:
@@ -2252,8 +2320,69 @@ class _MatchCtx:
     def body_text(self) -> str:
         if self._text is None:
             assert self.data is not None and self.info is not None
-            self._text = _fold(mail.search_text(self.data, self.info))
+            self._text = msearch.body_text(self.data, self.info)
         return self._text
+
+
+_NO_KEY = object()  # a message missing from Store.sort_column
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside (synchronous code only: the event loop does not run
+    meanwhile). THREAD over 100,000 messages makes 200,000 short-lived objects; with a big heap
+    (the process-wide caches) each collector pass walks all of it."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+_INDEX_HEADERS = frozenset({"subject", "from", "to", "cc", "bcc"})
+
+
+def _index_term(key: c.SearchKey) -> tuple[str, str] | None:
+    """(field, folded needle) of a text key the full-text index can answer, else None."""
+    if key.op in ("BODY", "TEXT"):
+        needle = _fold(str(key.args[0]))
+        field = key.op.lower()
+    elif key.op == "HEADER" and str(key.args[0]).lower() in _INDEX_HEADERS:
+        needle = _fold(str(key.args[1]))
+        field = str(key.args[0]).lower()
+    else:
+        return None
+    return (field, needle) if msearch.indexable(needle) else None
+
+
+def _conjuncts(key: c.SearchKey) -> list[c.SearchKey]:
+    """The parts of a top-level AND (nested ANDs flattened), or the key itself."""
+    if key.op != "AND":
+        return [key]
+    out: list[c.SearchKey] = []
+    for a in key.args:
+        if isinstance(a, c.SearchKey):
+            out.extend(_conjuncts(a))
+    return out
+
+
+def _index_terms(key: c.SearchKey) -> list[tuple[str, str]]:
+    """The text keys of the top-level AND the index can narrow by (OR and NOT are not looked
+    into: the index only ever narrows where every match must hold the needle)."""
+    return [t for k in _conjuncts(key) if (t := _index_term(k)) is not None]
+
+
+def _index_answers(key: c.SearchKey) -> bool:
+    """Whether the index answer is the whole answer: every conjunct is a text key the index
+    answers or needs no message data."""
+    return all(_index_term(k) is not None or _search_needs(k) == 0 for k in _conjuncts(key))
+
+
+def _meta_part(key: c.SearchKey) -> c.SearchKey:
+    """The conjuncts of ``key`` that are not index terms (ALL when none)."""
+    rest = tuple(k for k in _conjuncts(key) if _index_term(k) is None)
+    return c.SearchKey("AND", rest) if rest else c.SearchKey("ALL", ())
 
 
 def _uses(key: c.SearchKey, op: str) -> bool:
@@ -2369,8 +2498,7 @@ def _match(key: c.SearchKey, ctx: _MatchCtx) -> bool:
             if needle in ctx.body_text():
                 return True
             assert ctx.data is not None and ctx.info is not None
-            head = ctx.data[ctx.info.root.header_start : ctx.info.root.header_end]
-            return needle in _fold(mail.decode_2047(head.decode("utf-8", "replace")))
+            return needle in msearch.header_text(ctx.data, ctx.info)
     return False
 
 

@@ -1,37 +1,40 @@
 """SORT and THREAD (RFC 5256, RFC 5957 SORT=DISPLAY) over per-message sort keys. Pure; no asyncio.
 
-The session builds one ``SortKeys`` per blob from the cached ``MessageInfo`` (and keeps them in a
-process-wide cache, since blobs never change), then calls ``sort_order`` or ``thread_*`` with the
+The session builds one ``SortKeys`` per blob from the keys the store keeps per blob since ingest
+(``Store.sort_rows``, one query per mailbox; else from the cached ``MessageInfo``) and keeps them
+in a process-wide cache, since blobs never change, then calls ``sort_order`` or ``thread_*`` with the
 matching messages in sequence order; ties always fall back to sequence order (RFC 5256 §3).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
+
+from postfach.mail.model import BodyPart, Envelope, MessageInfo
+from postfach.mail.search import SortRow, sort_row
+
+#: What SORT/THREAD need of one message (per blob; no per-mailbox data): the row the store keeps
+#: per blob since ingest, as it comes (the first SORT of a 100,000-message mailbox takes 100,000
+#: of them in one query). ``references`` is one message id per line: References, or In-Reply-To
+#: when there are none (RFC 5256 §3 REFERENCES); ``reply`` is truthy when the subject had a
+#: Re:/Fwd: marker stripped (subject grouping, §3 step 5).
+SortKeys = SortRow
 
 
-@dataclass(frozen=True, slots=True)
-class SortKeys:
-    """What SORT/THREAD need of one message (per blob; no per-mailbox data)."""
-
-    date: float | None  # sent date (Date:), as a UTC timestamp; None when absent/unparsable
-    from_: str  # addr-mailbox of the first From address, case-folded (RFC 5256 §3 FROM)
-    to: str
-    cc: str
-    subject: str  # base subject (RFC 5256 §2.1), case-folded
-    display_from: str  # RFC 5957 §2
-    display_to: str
-    message_id: str
-    references: tuple[str, ...]  # References, or In-Reply-To when there are none (§3 REFERENCES)
-    reply: bool  # the subject had Re:/Fwd: stripped (subject grouping, §3 step 5)
+def keys_from_row(row: SortRow) -> SortKeys:
+    return row
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+def _refs(keys: SortKeys) -> list[str]:
+    return keys.references.split("\n") if keys.references else []
+
+
+class Item(NamedTuple):
+    """One message to sort or thread (a named tuple: 100,000 of them are made per command)."""
+
     seq: int
     uid: int
     size: int
@@ -40,25 +43,25 @@ class Item:
     sent: float  # RFC 5256 §2.2: the sent date, or the internal date when there is none
 
 
+_new = tuple.__new__
+
+
 def item(seq: int, uid: int, size: int, arrival: float, keys: SortKeys) -> Item:
-    return Item(seq, uid, size, arrival, keys, keys.date if keys.date is not None else arrival)
+    d = keys[0]
+    return _new(Item, (seq, uid, size, arrival, keys, d if d is not None else arrival))
 
 
 def make_keys(subject: str, base_subject: str, date: datetime | None, from_addr: str, to_addr: str,
               cc_addr: str, display_from: str, display_to: str, message_id: str, in_reply_to: str,
               references: Sequence[str]) -> SortKeys:
-    base = base_subject.casefold()
-    refs = tuple(r for r in references if r) or ((in_reply_to,) if in_reply_to else ())
-    stripped = subject.strip().casefold()
-    return SortKeys(
-        date=date.timestamp() if date is not None else None,
-        from_=from_addr.casefold(), to=to_addr.casefold(), cc=cc_addr.casefold(), subject=base,
-        display_from=display_from.casefold(), display_to=display_to.casefold(),
-        message_id=message_id, references=refs,
-        # The base subject drops "Re:", "Fwd:", "[list]" and "(fwd)"; a leading reply marker is
-        # what makes a message a reply for subject grouping.
-        reply=stripped != base and stripped[:3] in ("re:", "re ", "fw:", "fwd", "re["),
-    )
+    info = MessageInfo(0, _NO_PART, Envelope(), subject=subject, base_subject=base_subject, date=date,
+                       from_addr=from_addr, to_addr=to_addr, cc_addr=cc_addr, display_from=display_from,
+                       display_to=display_to, message_id=message_id, in_reply_to=in_reply_to,
+                       references=tuple(references))
+    return sort_row(info)
+
+
+_NO_PART = BodyPart("text", "plain", (), None, None, "7bit", None, None, None, None, 0, 0, 0, 0, 0)
 
 
 #: SortKeys attribute per string sort key (the session's one-criterion fast path).
@@ -90,12 +93,18 @@ def sort_order(items: Sequence[Item], criteria: Sequence[tuple[str, bool]]) -> l
 # ----------------------------------------------------------------------------------- THREAD
 
 
-@dataclass(eq=False, slots=True)
 class Node:
-    item: Item | None = None
-    parent: Node | None = None
-    children: list[Node] = field(default_factory=list)
-    when: tuple[float, int] = (0.0, 0)  # (sent, seq); a dummy's is its first child's (_sort_tree)
+    """A thread tree node; ``when`` is (sent, seq) of its message, a dummy's that of its first
+    child (set by ``_sort_tree``)."""
+
+    __slots__ = ("children", "item", "parent", "when")
+
+    def __init__(self, item: Item | None = None, parent: Node | None = None,
+                 when: tuple[float, int] = (0.0, 0)) -> None:
+        self.item = item
+        self.parent = parent
+        self.children: list[Node] = []
+        self.when = when
 
     def date(self) -> tuple[float, int]:
         if self.item is not None:
@@ -117,7 +126,7 @@ def thread_orderedsubject(items: Sequence[Item]) -> list[Node]:
     roots = []
     for members in groups.values():
         root = Node(members[0], when=(members[0].sent, members[0].seq))
-        root.children = [Node(m, root) for m in members[1:]]
+        root.children = [Node(m, root, (m.sent, m.seq)) for m in members[1:]]
         roots.append(root)
     roots.sort(key=_WHEN)
     return roots
@@ -147,18 +156,26 @@ def _link(parent: Node, child: Node) -> None:
 def thread_references(items: Sequence[Item]) -> list[Node]:
     """RFC 5256 §3 REFERENCES (the Zawinski algorithm), steps 1-6."""
     table: dict[str, Node] = {}
+    get = table.get
     for it in items:
-        mid = it.keys.message_id
-        node = table.get(mid) if mid else None
+        keys = it.keys
+        mid = keys.message_id
+        node = get(mid) if mid else None
         if node is None or node.item is not None:
             # §3 step 1: no or duplicate Message-ID: a unique id of its own.
-            node = Node()
+            node = Node(it, None, (it.sent, it.seq))
             table[mid if mid and mid not in table else f"\0{it.seq}"] = node
-        node.item = it
+        else:
+            node.item = it
+            node.when = (it.sent, it.seq)
+        if not keys.references:
+            if node.parent is not None:
+                _unlink(node)
+            continue
         # (A) link the References chain, never overwriting links nor making loops.
         prev: Node | None = None
-        for ref in it.keys.references:
-            cur = table.get(ref)
+        for ref in keys.references.split("\n"):
+            cur = get(ref)
             if cur is None:
                 cur = table[ref] = Node()
             if prev is not None and cur.parent is None and not _is_ancestor(cur, prev):
@@ -170,38 +187,54 @@ def thread_references(items: Sequence[Item]) -> list[Node]:
             _link(prev, node)
         elif prev is None:
             _unlink(node)
-    # Step 2: the root set. Step 4: prune dummies.
+    # Step 2: the root set. Step 4: prune dummies. After pruning only a root can be a dummy, and
+    # its children are messages: ordering those is all step 5 needs (its first child is the
+    # one whose subject counts); step 6 sorts every level at the end.
     roots = _prune([n for n in table.values() if n.parent is None])
-    _sort_tree(roots)
-    roots.sort(key=_WHEN)
-    # Step 5: merge roots with the same base subject.
-    subjects: dict[str, Node] = {}
     for n in roots:
-        si = n.subject_item()
-        if si is None or not si.keys.subject:
-            continue
-        old = subjects.get(si.keys.subject)
+        if n.item is None and n.children:
+            n.children.sort(key=_WHEN)
+            n.when = n.children[0].when
+    roots.sort(key=_WHEN)
+    # Step 5: merge roots with the same base subject. Only subjects shared by several roots need
+    # the work; the others stay as they are.
+    subj_of: list[str] = []
+    seen: dict[str, int] = {}
+    for n in roots:
+        si = n.item if n.item is not None else (n.children[0].item if n.children else None)
+        subj = si.keys.subject if si is not None else ""
+        subj_of.append(subj)
+        if subj:
+            seen[subj] = seen.get(subj, 0) + 1
+    shared = [i for i, subj in enumerate(subj_of) if subj and seen[subj] > 1]
+    if not shared:
+        _sort_tree(roots)
+        return roots
+    subjects: dict[str, Node] = {}
+    for i in shared:
+        n = roots[i]
+        subj = subj_of[i]
+        old = subjects.get(subj)
         if old is None:
-            subjects[si.keys.subject] = n
+            subjects[subj] = n
             continue
+        si = n.subject_item()
         old_it = old.subject_item()
         if (n.item is None and old.item is not None) or (
-                old.item is not None and n.item is not None and old_it is not None
+                old.item is not None and n.item is not None and old_it is not None and si is not None
                 and old_it.keys.reply and not si.keys.reply):
-            subjects[si.keys.subject] = n
+            subjects[subj] = n
     out: list[Node | None] = list(roots)
-    where = {id(n): i for i, n in enumerate(roots)}
-    for i, n in enumerate(roots):
+    where = {roots[i]: i for i in shared}
+    for i in shared:
+        n = roots[i]
         if out[i] is not n or n.parent is not None:
             continue
-        si = n.subject_item()
-        if si is None or not si.keys.subject:
-            continue
-        subj = si.keys.subject
+        subj = subj_of[i]
         c = subjects[subj]
         if c is n:
             continue
-        ci = where[id(c)]
+        ci = where[c]
         out[i] = None
         if c.item is None and n.item is None:
             for ch in list(n.children):
@@ -213,7 +246,7 @@ def thread_references(items: Sequence[Item]) -> list[Node]:
             # The dummy takes the other root as one more child, and its place.
             _link(n, c)
             out[ci] = n
-            where[id(n)] = ci
+            where[n] = ci
             subjects[subj] = n
         elif not c.item.keys.reply and n.item.keys.reply:
             _link(c, n)
@@ -222,7 +255,7 @@ def thread_references(items: Sequence[Item]) -> list[Node]:
             _link(dummy, c)
             _link(dummy, n)
             out[ci] = dummy
-            where[id(dummy)] = ci
+            where[dummy] = ci
             subjects[subj] = dummy
     # Step 6: sort every level by sent date.
     result = [n for n in out if n is not None]
@@ -270,13 +303,18 @@ _WHEN = attrgetter("when")
 
 def _sort_tree(roots: Sequence[Node]) -> None:
     # Children first, so a dummy's date (its first child's) is right when its level is sorted.
-    for n in reversed(_preorder(roots)):
+    # Leaves are skipped: a message node got its ``when`` when its message was attached.
+    inner: list[Node] = []
+    stack = [n for n in roots if n.children]
+    while stack:
+        n = stack.pop()
+        inner.append(n)
+        stack.extend([ch for ch in n.children if ch.children])
+    for n in reversed(inner):
         kids = n.children
         if len(kids) > 1:
             kids.sort(key=_WHEN)
-        if n.item is not None:
-            n.when = (n.item.sent, n.item.seq)
-        elif kids:
+        if n.item is None:
             n.when = kids[0].when
 
 
@@ -299,5 +337,8 @@ def format_threads(roots: Sequence[Node], uid: bool) -> str:
             text = f"{text} {nested}" if text else nested
         return text
 
-    # Recursion happens only at branches (a thread nests as deep as it branches).
-    return "".join("(" + one(r) + ")" for r in roots)
+    # Recursion happens only at branches (a thread nests as deep as it branches). A message
+    # alone in its thread (most of a big mailbox) is just "(n)".
+    col = 1 if uid else 0
+    return "".join(f"({r.item[col]})" if r.item is not None and not r.children else "(" + one(r) + ")"
+                   for r in roots)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
+from postfach.mail.search import SortRow
 from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
 
 HIERARCHY_DELIMITER = "/"
@@ -197,6 +198,16 @@ class Problem:
 
     kind: str  # "missing-blob", "bad-hash", "counter", "refcount", "orphan-blob", ...
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHits:
+    """Answer of ``search_index``: ``uids`` are the indexed messages whose folded text contains
+    every needle (checked exactly against the stored text); ``unindexed`` the messages whose
+    blob is not indexed (yet): the caller scans those."""
+
+    uids: frozenset[Uid]
+    unindexed: frozenset[Uid]
 
 
 # ----------------------------------------------------------------------------------------- the queue
@@ -406,6 +417,30 @@ class Store(Protocol):
 
     async def message_info(self, blob_id: BlobId) -> bytes:
         """The cached parse result (``postfach.mail.MessageInfo.to_json()``) made at ingest."""
+
+    # --- full-text index and sort keys (made per blob at ingest) -------------------------------
+    async def search_index(
+        self, account_id: AccountId, mailbox_id: MailboxId, terms: Sequence[tuple[str, str]]
+    ) -> SearchHits | None:
+        """Messages of the mailbox whose text holds every ``(field, needle)`` of ``terms``.
+
+        ``field`` is one of ``subject from to cc bcc body text`` (``text``: the decoded top-level
+        header or the body, as SEARCH TEXT); needles are case-folded (``str.casefold``) by the
+        caller and compared as substrings of the text ``postfach.mail.search.index_text`` makes.
+        Needles the index cannot answer (``postfach.mail.search.indexable``: shorter than three
+        characters, or with a line break) do not narrow (they are ignored). None when the index
+        cannot help (no usable needle, or a store without one).
+        NotFound for a mailbox not of the account."""
+
+    async def sort_rows(self, account_id: AccountId, mailbox_id: MailboxId) -> list[tuple[Uid, SortRow]] | None:
+        """(uid, SORT/THREAD keys) of the mailbox's messages whose blob has stored keys,
+        in no particular order, in one query; messages missing from it need their MessageInfo.
+        None for a store without stored keys. NotFound for a mailbox not of the account."""
+
+    async def sort_column(self, account_id: AccountId, mailbox_id: MailboxId, field: str) -> dict[Uid, object] | None:
+        """One field of ``SortRow`` (``date``, ``from_``, ``subject`` ...) per uid, for the
+        mailbox's messages with stored keys: the lean form of ``sort_rows`` for a SORT by one
+        key. None for a store without stored keys. NotFound as ``sort_rows``."""
 
     # --- change feed ------------------------------------------------------------------------------
     def subscribe(self, account_id: AccountId) -> Subscription:

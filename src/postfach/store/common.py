@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from postfach.mail import parse_message
+from postfach.mail.search import IndexText, SortRow, index_text, indexable, sort_row
 from postfach.store.base import HIERARCHY_DELIMITER, SYSTEM_FLAGS, Change, FlagOp
 from postfach.types import AccountId
 
@@ -55,6 +56,38 @@ def norm_mailbox_name(name: str) -> str:
     return name
 
 
+#: Search field -> index columns (SEARCH TEXT is the header or the body, RFC 9051 §6.4.4).
+INDEX_FIELDS: dict[str, tuple[str, ...]] = {
+    "subject": ("subject",), "from": ("sender",), "to": ("rcpt_to",), "cc": ("cc",), "bcc": ("bcc",),
+    "body": ("body",), "text": ("header", "body"),
+}
+
+
+#: SortRow field -> its column in the key tables (message_key / blob_index), for Store.sort_column.
+SORT_COLUMNS: dict[str, str] = {
+    "date": "date", "from_": "from_addr", "to": "to_addr", "cc": "cc_addr", "subject": "subject",
+    "display_from": "display_from", "display_to": "display_to",
+}
+
+
+def trigrams(needle: str) -> list[str]:
+    """The distinct trigrams of a folded needle, in order of first appearance."""
+    return list(dict.fromkeys(needle[i : i + 3] for i in range(len(needle) - 2)))
+
+
+def fts_query(terms: Sequence[tuple[str, str]]) -> str | None:
+    """An FTS5 query (trigram tokenizer, detail=column: no phrases) for messages whose columns
+    hold every trigram of every needle: a superset of the substring matches, which the caller
+    then checks exactly. None when no needle can narrow anything (see ``indexable``)."""
+    parts = []
+    for field, needle in terms:
+        if not indexable(needle):
+            continue
+        grams = " AND ".join('"' + g.replace('"', '""') + '"' for g in trigrams(needle))
+        parts.append("{" + " ".join(INDEX_FIELDS[field]) + "} : (" + grams + ")")
+    return " AND ".join(parts) if parts else None
+
+
 def parse_info(data: bytes) -> bytes | None:
     """The cached parse result for a new blob; None when postfach.mail cannot parse it (then
     ``message_info`` tries again on demand and reports the failure)."""
@@ -63,6 +96,19 @@ def parse_info(data: bytes) -> bytes | None:
     except Exception:  # malformed mail is stored as it is (invariant 7)
         log.exception("parsing a message for the cache failed; it will be parsed on demand")
         return None
+
+
+def parse_for_ingest(data: bytes) -> tuple[bytes | None, tuple[SortRow, IndexText] | None]:
+    """Everything ingest learns from one parse (in an ingest thread, not the writer): the cached
+    MessageInfo JSON and the blob's SORT/THREAD keys and full-text index columns. (None, None)
+    when postfach.mail cannot parse the message: it is stored as it is, parsed on demand and
+    searched by a scan."""
+    try:
+        info = parse_message(data)
+        return info.to_json(), (sort_row(info), index_text(data, info))
+    except Exception:  # malformed mail is stored as it is (invariant 7)
+        log.exception("parsing a message for the cache failed; it will be parsed on demand")
+        return None, None
 
 
 class Subscription:

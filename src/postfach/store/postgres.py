@@ -60,6 +60,7 @@ from postfach.errors import (
     StoreUnavailable,
     TooManyEntries,
 )
+from postfach.mail.search import IndexText, SortRow, indexable
 from postfach.store.base import (
     ALL_ACCOUNTS,
     DEFAULT_MAILBOXES,
@@ -83,13 +84,15 @@ from postfach.store.base import (
     QueueItem,
     QueueRecipient,
     RecipientState,
+    SearchHits,
     StoreFlagsResult,
 )
+from postfach.store.common import SORT_COLUMNS, normalize_flags
 from postfach.store.common import Subscription as _Subscription
 from postfach.store.common import apply_flag_op as _apply_flag_op
 from postfach.store.common import norm_address as _norm_address
 from postfach.store.common import norm_mailbox_name as _norm_mailbox_name
-from postfach.store.common import normalize_flags
+from postfach.store.common import parse_for_ingest as _parse_for_ingest
 from postfach.store.common import parse_info as _parse_info
 from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
 
@@ -256,6 +259,49 @@ class _Blob:
     info: bytes | None
     data: bytes | None  # None: the blob exists already (copy/move); never uploaded
     wire: int | None = None  # WIRE_* bits, learned at ingest
+    index: tuple[SortRow, IndexText] | None = None  # sort keys and index text (schema 4)
+
+
+#: Search field -> blob_index columns (as INDEX_FIELDS of the embedded store).
+_PG_INDEX_COLUMNS: dict[str, tuple[str, ...]] = {
+    "subject": ("t_subject",), "from": ("t_from",), "to": ("t_to",), "cc": ("t_cc",), "bcc": ("t_bcc",),
+    "body": ("t_body",), "text": ("t_header", "t_body"),
+}
+
+
+_INDEX_INSERT = (
+    "INSERT INTO blob_index (blob_id, date, from_addr, to_addr, cc_addr, subject, display_from, display_to,"
+    " message_id, refs, reply, t_subject, t_from, t_to, t_cc, t_bcc, t_header, t_body, t_names)"
+    " SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],"
+    " $8::text[], $9::text[], $10::text[], $11::bool[], $12::text[], $13::text[], $14::text[], $15::text[],"
+    " $16::text[], $17::text[], $18::text[], $19::text[])"
+    " ON CONFLICT (blob_id) DO NOTHING"
+)
+
+
+def _pg_text(s: str) -> str:
+    return s.replace("\x00", "\n")  # PostgreSQL text cannot hold NUL (IndexText has none already)
+
+
+async def _insert_index(conn: Conn, blobs: Sequence[_Blob]) -> None:
+    """Sort keys and search text of new blobs, in the transaction that stores them (one round
+    trip); a blob indexed already is left alone. The trigger marks the blob row indexed."""
+    rows: dict[str, tuple[SortRow, IndexText]] = {}
+    for b in blobs:
+        if b.index is not None:
+            rows.setdefault(b.id, b.index)
+    if not rows:
+        return
+    cols: list[list[Any]] = [list(rows)]
+    keys = [k for k, _ in rows.values()]
+    texts = [t for _, t in rows.values()]
+    cols.append([k.date for k in keys])
+    for i in range(1, 9):
+        cols.append([_pg_text(str(k[i])) for k in keys])
+    cols.append([bool(k.reply) for k in keys])
+    for i in range(8):
+        cols.append([_pg_text(t[i]) for t in texts])
+    await conn.execute(_INDEX_INSERT, *cols)
 
 
 class _MaildropLock:
@@ -432,6 +478,7 @@ class PostgresStore:
         command_timeout: float = 60.0,
         connect_timeout: float = 10.0,
         migrations: Sequence[PgMigration] | None = None,
+        backfill_batch: int = 100,
     ) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -452,6 +499,10 @@ class PostgresStore:
         self._control_lock = asyncio.Lock()
         self._control_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._backfill_task: asyncio.Task[None] | None = None
+        #: Blobs per backfill transaction (0: no backfill, for tests of the not-yet-indexed state).
+        self.backfill_batch = backfill_batch
+        self.backfilled = 0
         self._subs: dict[AccountId, set[_Subscription]] = {}
         self._maildrop_locks: set[AccountId] = set()
         self._open = False
@@ -496,6 +547,53 @@ class PostgresStore:
                 raise
             raise t from exc
         self._open = True
+        if self.schema_version >= 4 and self.backfill_batch > 0:
+            self._backfill_task = asyncio.create_task(self._backfill_main(), name="postfach-pg-backfill")
+
+    async def _backfill_main(self) -> None:
+        """Index the blobs stored before schema version 4 (fts NULL) in the background, one
+        bounded transaction per batch; until then searches scan them. Several nodes may do it at
+        once: the inserts skip what another node indexed meanwhile."""
+        last = ""
+        total = 0
+        try:
+            while self._open:
+                rows = await self._fetch(
+                    "SELECT id FROM blob WHERE fts IS NOT TRUE AND fts IS NULL AND id > $1 ORDER BY id LIMIT $2",
+                    last, self.backfill_batch)
+                if not rows:
+                    break
+                ids = [str(r["id"]) for r in rows]
+                last = ids[-1]
+                blobs: list[_Blob] = []
+                failed: list[str] = []
+                for blob_id in ids:
+                    try:
+                        data = await self.read_blob(BlobId(blob_id))
+                    except NotFound:
+                        continue  # removed meanwhile
+                    _info, index = await asyncio.to_thread(_parse_for_ingest, data)
+                    if index is None:
+                        failed.append(blob_id)
+                    else:
+                        blobs.append(_Blob(blob_id, len(data), None, None, None, index))
+
+                async def fn(conn: Conn, tx: _Tx, blobs: list[_Blob] = blobs, failed: list[str] = failed) -> None:
+                    live = {r["id"] for r in await conn.fetch(
+                        "SELECT id FROM blob WHERE id = ANY($1::text[]) FOR NO KEY UPDATE", [b.id for b in blobs])}
+                    await _insert_index(conn, [b for b in blobs if b.id in live])
+                    await conn.execute("UPDATE blob SET fts = false WHERE id = ANY($1::text[]) AND fts IS NULL", failed)
+
+                await self._write(fn)
+                total += len(ids)
+                self.backfilled = total
+                await asyncio.sleep(0.005)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("store: full-text backfill stopped; it resumes at the next open")
+        if total:
+            log.info("store: full-text index built for %d blobs stored before it", total)
 
     async def _migrate(self) -> None:
         migrations = self._migrations if self._migrations is not None else load_migrations()
@@ -539,6 +637,11 @@ class PostgresStore:
 
     async def _teardown(self) -> None:
         self._closing = True
+        task, self._backfill_task = self._backfill_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
         for task in (self._control_task, self._watch_task):
             if task is not None:
                 task.cancel()
@@ -768,13 +871,16 @@ class PostgresStore:
 
         def hash_and_parse(skip: set[str]) -> list[_Blob]:
             out: list[_Blob] = []
-            parsed: dict[str, bytes | None] = {}
+            parsed: dict[str, tuple[bytes | None, tuple[SortRow, IndexText] | None]] = {}
             for data in datas:
                 blob_id = hashlib.sha256(data).hexdigest()
                 if blob_id not in parsed and blob_id not in skip:
-                    parsed[blob_id] = _parse_info(data)
-                out.append(_Blob(blob_id, len(data), parsed.get(blob_id), data, wire_bits(data)))
+                    parsed[blob_id] = _parse_for_ingest(data) if indexed else (_parse_info(data), None)
+                info, index = parsed.get(blob_id, (None, None))
+                out.append(_Blob(blob_id, len(data), info, data, wire_bits(data), index))
             return out
+
+        indexed = self.schema_version >= 4
 
         known: set[str] = set()
         big = [d for d in datas if len(d) > PARSE_WITHOUT_ASKING_BYTES]
@@ -823,6 +929,8 @@ class PostgresStore:
                     counts[blob_id],
                     b.info,
                 )
+            if inserted and b.index is not None:
+                await _insert_index(conn, [b])
             if inserted:
                 view = memoryview(b.data)
                 await conn.executemany(
@@ -997,6 +1105,8 @@ class PostgresStore:
             )
         except asyncpg.exceptions.RaiseError as exc:
             raise _raised(exc) from None
+        if self.schema_version >= 4:
+            await _insert_index(conn, [b for b, _, _ in entries])
         first, modseq = int(row["o_first"]), ModSeq(int(row["o_modseq"]))
         uids = [Uid(first + i) for i in range(len(entries))]
         tx.notified.append(Change(account_id, ChangeKind.APPEND, mailbox_id, modseq, tuple(uids)))
@@ -1803,6 +1913,60 @@ class PostgresStore:
 
     async def read_blob(self, blob_id: BlobId) -> bytes:
         return await self._read(lambda c: self._read_chunks(c, blob_id), snapshot=True)
+
+    # ------------------------------------------------------------------ full-text index, sort keys
+    async def search_index(
+        self, account_id: AccountId, mailbox_id: MailboxId, terms: Sequence[tuple[str, str]]
+    ) -> SearchHits | None:
+        usable = [(f, n) for f, n in terms if indexable(n)]
+        if self.schema_version < 4 or not usable:
+            return None
+        conds: list[str] = []
+        params: list[Any] = [mailbox_id]
+        for f, n in usable:
+            params.append("%" + n.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+            cols = _PG_INDEX_COLUMNS[f]
+            conds.append("(" + " OR ".join(f"k.{c} LIKE ${len(params)}" for c in cols) + ")")
+        sql = ("SELECT m.uid FROM message m JOIN blob_index k ON k.blob_id = m.blob_id"
+               " WHERE m.mailbox_id = $1 AND " + " AND ".join(conds))
+
+        async def fn(conn: Conn) -> SearchHits:
+            await self._mailbox_row(conn, account_id, mailbox_id)
+            hits = frozenset(Uid(r[0]) for r in await conn.fetch(sql, *params))
+            rest = frozenset(Uid(r[0]) for r in await conn.fetch(
+                "SELECT m.uid FROM blob b JOIN message m ON m.blob_id = b.id"
+                " WHERE b.fts IS NOT TRUE AND m.mailbox_id = $1", mailbox_id))
+            return SearchHits(hits, rest)
+
+        return await self._read(fn, snapshot=True)
+
+    async def sort_rows(self, account_id: AccountId, mailbox_id: MailboxId) -> list[tuple[Uid, SortRow]] | None:
+        if self.schema_version < 4:
+            return None
+
+        async def fn(conn: Conn) -> list[tuple[Uid, SortRow]]:
+            await self._mailbox_row(conn, account_id, mailbox_id)
+            rows = await conn.fetch(
+                "SELECT m.uid, k.date, k.from_addr, k.to_addr, k.cc_addr, k.subject, k.display_from,"
+                " k.display_to, k.message_id, k.refs, k.reply FROM message m JOIN blob_index k"
+                " ON k.blob_id = m.blob_id WHERE m.mailbox_id = $1", mailbox_id)
+            return [(Uid(r[0]), SortRow._make(tuple(r)[1:])) for r in rows]
+
+        return await self._read(fn, snapshot=True)
+
+    async def sort_column(self, account_id: AccountId, mailbox_id: MailboxId, field: str) -> dict[Uid, object] | None:
+        column = SORT_COLUMNS[field]
+        if self.schema_version < 4:
+            return None
+
+        async def fn(conn: Conn) -> dict[Uid, object]:
+            await self._mailbox_row(conn, account_id, mailbox_id)
+            rows = await conn.fetch(
+                f"SELECT m.uid, k.{column} FROM message m JOIN blob_index k ON k.blob_id = m.blob_id"
+                " WHERE m.mailbox_id = $1", mailbox_id)
+            return {Uid(r[0]): r[1] for r in rows}
+
+        return await self._read(fn, snapshot=True)
 
     async def message_info(self, blob_id: BlobId) -> bytes:
         r = await self._fetchrow("SELECT info FROM blob WHERE id = $1", blob_id)

@@ -164,6 +164,11 @@ def _connect_ro(path: Path) -> sqlite3.Connection:
     return conn
 
 
+#: Tables of derived data (the full-text index and sort keys, schema 4): rebuilt from the blobs
+#: and message rows, never copied row by row; their ``blob_id`` is not a reference.
+DERIVED_TABLES = frozenset({"blob_key", "blob_text", "message_key"})
+
+
 def _tables(conn: sqlite3.Connection) -> list[str]:
     rows = conn.execute(
         "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
@@ -713,7 +718,7 @@ def replace_account(snap: Path, store_dir: Path, address: str, *, snap_db: Path 
         for t, cols in snap_tables.items():
             if t == "account":
                 rows[t] = [acct]
-            elif t == "blob":
+            elif t == "blob" or t in DERIVED_TABLES:
                 continue
             elif "account_id" in cols:
                 rows[t] = src.execute(f'SELECT * FROM "{t}" WHERE account_id=?', (acct_id,)).fetchall()
@@ -778,8 +783,8 @@ def replace_account(snap: Path, store_dir: Path, address: str, *, snap_db: Path 
             for t, cols in live_tables.items():
                 if t == "account":
                     db.execute(f"DELETE FROM account WHERE id IN ({a_marks})", list(live_ids))
-                elif t == "blob":
-                    continue
+                elif t == "blob" or t in DERIVED_TABLES:
+                    continue  # message_key rows go with their message rows (trigger)
                 elif "account_id" in cols:
                     db.execute(f'DELETE FROM "{t}" WHERE account_id IN ({a_marks})', list(live_ids))
                 elif "mailbox_id" in cols:
@@ -836,12 +841,14 @@ def replace_account(snap: Path, store_dir: Path, address: str, *, snap_db: Path 
             # Blob rows and reference counts for everything touched.
             for blob_id, br in blob_rows.items():
                 if db.execute("SELECT 1 FROM blob WHERE id=?", (blob_id,)).fetchone() is None:
-                    cols = [c for c in snap_tables["blob"] if c in live_tables["blob"]]
+                    # Without its index rows (made again by the store's backfill at its next open;
+                    # searches scan the blob until then): fts NULL.
+                    cols = [c for c in snap_tables["blob"] if c in live_tables["blob"] and c != "fts"]
                     db.execute(
                         f"INSERT INTO blob ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
                         [br[c] for c in cols],
                     )
-            ref_tables = [t for t, cols in live_tables.items() if "blob_id" in cols]
+            ref_tables = [t for t, cols in live_tables.items() if "blob_id" in cols and t not in DERIVED_TABLES]
             gone: list[str] = []
             for blob_id in sorted(msg_blobs | old_blobs):
                 n = sum(

@@ -36,6 +36,7 @@ marker of an unclean shutdown removes such files (see ``_recover``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -67,6 +68,7 @@ from postfach.errors import (
     StoreUnavailable,
     TooManyEntries,
 )
+from postfach.mail.search import IndexText, SortRow, indexable
 from postfach.store.base import (
     ALL_ACCOUNTS,
     DEFAULT_MAILBOXES,
@@ -88,14 +90,16 @@ from postfach.store.base import (
     QueueItem,
     QueueRecipient,
     RecipientState,
+    SearchHits,
     StoreFlagsResult,
 )
 from postfach.store.blobs import FileBlobStore, fsync_dir, os_error, sha256_hex, wire_flags
+from postfach.store.common import INDEX_FIELDS, SORT_COLUMNS, fts_query, normalize_flags
 from postfach.store.common import Subscription as _Subscription
 from postfach.store.common import apply_flag_op as _apply_flag_op
 from postfach.store.common import norm_address as _norm_address
 from postfach.store.common import norm_mailbox_name as _norm_mailbox_name
-from postfach.store.common import normalize_flags
+from postfach.store.common import parse_for_ingest as _parse_for_ingest
 from postfach.store.common import parse_info as _parse_info
 from postfach.types import AccountId, BlobId, MailboxId, ModSeq, QueueId, Uid, UidValidity
 
@@ -248,6 +252,57 @@ def _connect(path: Path) -> sqlite3.Connection:
 # ------------------------------------------------------------------------------ internal records
 
 
+_KEY_INSERT = (
+    "INSERT INTO blob_key (blob_id, date, from_addr, to_addr, cc_addr, subject, display_from, display_to,"
+    " message_id, refs, reply) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(blob_id) DO NOTHING"
+)
+_TEXT_INSERT = (
+    "INSERT INTO blob_text (id, subject, sender, rcpt_to, cc, bcc, header, body, names)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_FTS_INSERT = (
+    "INSERT INTO blob_fts (rowid, subject, sender, rcpt_to, cc, bcc, header, body, names)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _blob_row(b: _Blob) -> tuple[str, int, bytes | None, int | None, int | None]:
+    """Parameters of the blob INSERT: fts is 1 when the index rows come along, else NULL (a
+    blob ingested without a parse is indexed later by the backfill)."""
+    return (b.id, b.size, b.info, b.wire, 1 if b.index is not None else None)
+
+
+def _backfill_write(blobs: Sequence[_Blob], failed: Sequence[str]) -> Callable[[_Tx], None]:
+    def fn(tx: _Tx) -> None:
+        conn = tx.conn
+        # Blobs removed meanwhile have no row any more: nothing is inserted for them.
+        live = [b for b in blobs if conn.execute("SELECT 1 FROM blob WHERE id = ? AND fts IS NULL",
+                                                 (b.id,)).fetchone() is not None]
+        _insert_index(conn, live)
+        conn.executemany("UPDATE blob SET fts = 1 WHERE id = ?", [(b.id,) for b in live])
+        conn.executemany("UPDATE blob SET fts = 0 WHERE id = ? AND fts IS NULL", [(i,) for i in failed])
+
+    return fn
+
+
+def _insert_index(conn: sqlite3.Connection, blobs: Sequence[_Blob]) -> None:
+    """Sort keys and full-text rows of new blobs (after their blob rows; a blob already indexed
+    is left alone), in the caller's transaction."""
+    indexed = {b.id: b for b in blobs if b.index is not None}
+    if not indexed:
+        return
+    conn.executemany(_KEY_INSERT, [(b.id, *b.index[0]) for b in indexed.values()])  # type: ignore[index]
+    rows = []
+    for chunk in _chunks(list(indexed), 500):
+        for kid, blob_id in conn.execute(
+            "SELECT k.id, k.blob_id FROM blob_key k WHERE k.blob_id IN (" + ",".join("?" * len(chunk)) + ")"
+            " AND NOT EXISTS (SELECT 1 FROM blob_text t WHERE t.id = k.id)", chunk
+        ):
+            rows.append((kid, *indexed[blob_id].index[1]))  # type: ignore[index]
+    conn.executemany(_TEXT_INSERT, rows)
+    conn.executemany(_FTS_INSERT, rows)
+
+
 @dataclass(slots=True)
 class _Tx:
     """What one write request sees: the connection, and what to publish after the commit."""
@@ -299,6 +354,7 @@ class _Blob:
     size: int
     info: bytes | None
     wire: int | None = None  # WIRE_* bits (base.py); None when not learned (rows of older copies)
+    index: tuple[SortRow, IndexText] | None = None  # sort keys and index text (None: not parsed)
 
 
 class _MaildropLock:
@@ -454,6 +510,7 @@ class SqliteStore:
         batch_sync: bool | None = None,
         ingest_threads: int | None = None,
         commit_delay: float = 0.002,
+        backfill_batch: int = 200,
     ) -> None:
         self.path = Path(path)
         self.group_commit_max = max(1, group_commit_max)
@@ -503,6 +560,12 @@ class SqliteStore:
         self._open = False
         self.schema_version = 0
         self._blob_insert_sql = ""
+        self.has_index = False  # schema 4: the full-text index and sort-key tables exist
+        self._backfill: threading.Thread | None = None
+        self._backfill_stop = threading.Event()
+        #: Blobs per backfill write (0: no backfill, for tests of the not-yet-indexed state).
+        self.backfill_batch = backfill_batch
+        self.backfilled = 0  # blobs the backfill has indexed (or found unindexable) since open
         self._blob_open_sql = ""
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -526,6 +589,10 @@ class SqliteStore:
         except sqlite3.Error:
             self._lconn = None  # point reads go through the reader threads instead
         self._open = True
+        if self.has_index and self.backfill_batch > 0:
+            self._backfill_stop.clear()
+            self._backfill = threading.Thread(target=self._backfill_main, name="postfach-store-backfill", daemon=True)
+            self._backfill.start()
 
     def _open_sync(self) -> None:
         try:
@@ -548,13 +615,25 @@ class SqliteStore:
                 self.schema_version = _apply_migrations(conn, migrations, self.path)
                 # The wire column comes with schema version 3 (a store may be opened with fewer
                 # migrations, by tests of upgrades): without it, readers scan as before.
-                has_wire = any(r[1] == "wire" for r in conn.execute("PRAGMA table_info(blob)"))
+                cols = {r[1] for r in conn.execute("PRAGMA table_info(blob)")}
+                has_wire = "wire" in cols
                 wire_col = "wire" if has_wire else "NULL"
-                self._blob_insert_sql = (
-                    "INSERT INTO blob (id, size, refcount, info, wire) VALUES (?, ?, 1, ?, ?)"
-                    if has_wire  # else the same four parameters, the last one ignored
-                    else "INSERT INTO blob (id, size, refcount, info) SELECT ?, ?, 1, ? WHERE ? IS NULL OR 1"
-                ) + " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1"
+                # The index comes with schema version 4: the same five parameters every time.
+                self.has_index = "fts" in cols
+                if self.has_index:
+                    # A blob stored before version 4 and ingested again gets its index rows now.
+                    self._blob_insert_sql = (
+                        "INSERT INTO blob (id, size, refcount, info, wire, fts) VALUES (?, ?, 1, ?, ?, ?)"
+                        " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1,"
+                        " fts = CASE WHEN excluded.fts = 1 THEN 1 ELSE fts END"
+                    )
+                else:
+                    self._blob_insert_sql = (
+                        "INSERT INTO blob (id, size, refcount, info, wire) SELECT ?, ?, 1, ?, ? WHERE ? IS NULL OR 1"
+                        if has_wire  # else the same parameters, the last ones ignored
+                        else "INSERT INTO blob (id, size, refcount, info) SELECT ?, ?, 1, ?"
+                        " WHERE (? IS NULL OR 1) AND (? IS NULL OR 1)"
+                    ) + " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1"
                 self._blob_open_sql = f"SELECT size, {wire_col} FROM blob WHERE id = ?"
             except BaseException:
                 conn.close()
@@ -603,7 +682,12 @@ class SqliteStore:
         if not self._open:
             return
         self._open = False
-        # Ingest threads first: what they finish still goes to the writer before it stops.
+        # The backfill first (it waits for the writer), then the ingest threads: what they finish
+        # still goes to the writer before it stops.
+        self._backfill_stop.set()
+        if self._backfill is not None:
+            await asyncio.to_thread(self._backfill.join)
+            self._backfill = None
         for _ in self._ingesters:
             self._iq.put(None)
         for t in self._ingesters:
@@ -1101,14 +1185,16 @@ class SqliteStore:
                 "UPDATE account SET used_bytes = used_bytes + ?, used_messages = used_messages + ? WHERE id = ?",
                 (u[4], u[5], aid),
             )
-        blob_rows: list[tuple[str, int, bytes | None, int | None]] = []
+        blob_rows: list[tuple[str, int, bytes | None, int | None, int | None]] = []
+        new_blobs: list[_Blob] = []
         msg_rows: list[tuple[int, int, str, int, int, int, str, int, int, int]] = []
         out: list[tuple[_WriteRequest, bool, Any, _Tx | None]] = []
         for k, (req, (aid, mid, spec)) in enumerate(zip(run, targets, strict=True)):
             uid, modseq, uv = firsts[k]
             results: list[AppendResult] = []
             for blob, flags, idate, sdate in spec.entries:
-                blob_rows.append((blob.id, blob.size, blob.info, blob.wire))
+                blob_rows.append(_blob_row(blob))
+                new_blobs.append(blob)
                 msg_rows.append(
                     (
                         mid,
@@ -1129,6 +1215,8 @@ class SqliteStore:
             tx.changes.append(Change(aid, ChangeKind.APPEND, mid, ModSeq(modseq), tuple(r.uid for r in results)))
             out.append((req, True, results, tx))
         conn.executemany(self._blob_insert_sql, blob_rows)
+        if self.has_index:
+            _insert_index(conn, new_blobs)
         conn.executemany(
             "INSERT INTO message (mailbox_id, uid, blob_id, size, internaldate, savedate, flags, seen, deleted,"
             " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1212,6 +1300,55 @@ class SqliteStore:
                 sub._put(ch)
             for sub in list(watchers):
                 sub._put(ch)
+    # ------------------------------------------------------------------------------- backfill
+    def _backfill_main(self) -> None:
+        """Index the blobs stored before schema version 4 (fts NULL), in the background: read and
+        parse a batch here, then hand one write per batch to the writer (bounded, so that writes
+        of clients queue behind at most one batch). Until a blob is indexed, searches scan it."""
+        last = ""
+        total = 0
+        try:
+            conn = _connect(self._db_path)
+        except sqlite3.Error:
+            log.exception("store %s: full-text backfill cannot start", self.path)
+            return
+        try:
+            while not self._backfill_stop.is_set():
+                ids = [r[0] for r in conn.execute(
+                    "SELECT id FROM blob INDEXED BY blob_unindexed WHERE fts IS NOT 1 AND fts IS NULL AND id > ?"
+                    " ORDER BY id LIMIT ?", (last, self.backfill_batch))]
+                if not ids:
+                    break
+                last = ids[-1]
+                blobs: list[_Blob] = []
+                failed: list[str] = []
+                for blob_id in ids:
+                    try:
+                        data = self._blobs.read(blob_id)
+                    except (OSError, StoreError, NotFound):
+                        failed.append(blob_id)  # checked by `postfach check`; scanned meanwhile
+                        continue
+                    _info, index = _parse_for_ingest(data)
+                    if index is None:
+                        failed.append(blob_id)
+                    else:
+                        blobs.append(_Blob(blob_id, len(data), None, None, index))
+                    if self._backfill_stop.is_set():
+                        return
+                done: concurrent.futures.Future[None] = concurrent.futures.Future()
+                self._wq.put(_WriteRequest(_backfill_write(blobs, failed), done))  # type: ignore[arg-type]
+                try:
+                    done.result()
+                except Exception:
+                    log.exception("store %s: full-text backfill write failed; retried at the next open", self.path)
+                    return
+                total += len(ids)
+                self.backfilled = total
+                time.sleep(0.005)  # a breath for the readers between batches
+        finally:
+            conn.close()
+            if total:
+                log.info("store %s: full-text index built for %d blobs stored before it", self.path, total)
 
     # --------------------------------------------------------------------------------- ingest
     def _ingest_one(self, data: bytes) -> _Blob:
@@ -1223,13 +1360,16 @@ class SqliteStore:
             self._blobs.unpin(blob_id)
             raise
         del created  # parsed either way: the row may be new even when the file is not
-        return _Blob(blob_id, len(data), _parse_info(data), wire_flags(data))
+        info, index = _parse_for_ingest(data) if self.has_index else (_parse_info(data), None)
+        return _Blob(blob_id, len(data), info, wire_flags(data), index)
 
     # ------------------------------------------------------------------ transaction building blocks
     def _incref(self, tx: _Tx, blobs: Sequence[_Blob]) -> None:
         # info is None when the file existed already (its row committed by a concurrent writer,
         # or removed meanwhile): message_info then parses on demand.
-        tx.conn.executemany(self._blob_insert_sql, [(b.id, b.size, b.info, b.wire) for b in blobs])
+        tx.conn.executemany(self._blob_insert_sql, [_blob_row(b) for b in blobs])
+        if self.has_index:
+            _insert_index(tx.conn, blobs)
 
     @staticmethod
     def _decref(tx: _Tx, counts: Counter[str]) -> None:
@@ -2159,6 +2299,77 @@ class SqliteStore:
     async def read_blob(self, blob_id: BlobId) -> bytes:
         return await self._in_blob_thread(self._blobs.read, blob_id)
 
+    # ------------------------------------------------------------------ full-text index, sort keys
+    async def search_index(
+        self, account_id: AccountId, mailbox_id: MailboxId, terms: Sequence[tuple[str, str]]
+    ) -> SearchHits | None:
+        query = fts_query(terms)
+        if not self.has_index or query is None:
+            return None
+        usable = [(f, n) for f, n in terms if indexable(n)]
+        exact: list[str] = []
+        params: list[Any] = [query, mailbox_id]
+        for f, n in usable:
+            cols = INDEX_FIELDS[f]
+            exact.append("(" + " OR ".join(f"instr(t.{c}, ?) > 0" for c in cols) + ")")
+            params.extend([n] * len(cols))
+        # CROSS JOIN fixes the order: the index first, then the few candidates' rows (left to
+        # itself the planner would walk the whole mailbox and ask the index per message).
+        sql = (
+            "SELECT m.uid FROM blob_fts f CROSS JOIN blob_text t CROSS JOIN blob_key k CROSS JOIN message m"
+            " WHERE blob_fts MATCH ? AND t.id = f.rowid AND k.id = f.rowid AND m.blob_id = k.blob_id"
+            " AND m.mailbox_id = ? AND " + " AND ".join(exact)
+        )
+
+        def fn(conn: sqlite3.Connection) -> SearchHits:
+            if conn.execute("SELECT 1 FROM mailbox WHERE id = ? AND account_id = ?",
+                            (mailbox_id, account_id)).fetchone() is None:
+                raise NotFound("no such mailbox")
+            hits = frozenset(Uid(r[0]) for r in conn.execute(sql, params))
+            rest = frozenset(Uid(r[0]) for r in conn.execute(
+                "SELECT m.uid FROM blob b INDEXED BY blob_unindexed JOIN message m ON m.blob_id = b.id"
+                " WHERE b.fts IS NOT 1 AND m.mailbox_id = ?", (mailbox_id,)))
+            return SearchHits(hits, rest)
+
+        return await self._read(fn)
+
+    async def sort_rows(self, account_id: AccountId, mailbox_id: MailboxId) -> list[tuple[Uid, SortRow]] | None:
+        if not self.has_index:
+            return None
+
+        def fn(conn: sqlite3.Connection) -> list[tuple[Uid, SortRow]]:
+            if conn.execute("SELECT 1 FROM mailbox WHERE id = ? AND account_id = ?",
+                            (mailbox_id, account_id)).fetchone() is None:
+                raise NotFound("no such mailbox")
+            conn.row_factory = None
+            try:
+                rows = conn.execute(
+                    "SELECT uid, date, from_addr, to_addr, cc_addr, subject, display_from, display_to, message_id,"
+                    " refs, reply FROM message_key WHERE mailbox_id = ?", (mailbox_id,)).fetchall()
+            finally:
+                conn.row_factory = sqlite3.Row
+            make = SortRow._make
+            return [(r[0], make(r[1:])) for r in rows]
+
+        return await self._read(fn)
+
+    async def sort_column(self, account_id: AccountId, mailbox_id: MailboxId, field: str) -> dict[Uid, object] | None:
+        column = SORT_COLUMNS[field]
+        if not self.has_index:
+            return None
+
+        def fn(conn: sqlite3.Connection) -> dict[Uid, object]:
+            if conn.execute("SELECT 1 FROM mailbox WHERE id = ? AND account_id = ?",
+                            (mailbox_id, account_id)).fetchone() is None:
+                raise NotFound("no such mailbox")
+            conn.row_factory = None
+            try:
+                return dict(conn.execute(f"SELECT uid, {column} FROM message_key WHERE mailbox_id = ?", (mailbox_id,)))
+            finally:
+                conn.row_factory = sqlite3.Row
+
+        return await self._read(fn)
+
     async def message_info(self, blob_id: BlobId) -> bytes:
         def fn(conn: sqlite3.Connection) -> bytes | None:
             r = conn.execute("SELECT info FROM blob WHERE id = ?", (blob_id,)).fetchone()
@@ -2526,6 +2737,14 @@ class SqliteStore:
                     problems.append(Problem("bad-hash", f"blob {blob_id}: file content has sha256 {h.hexdigest()}"))
                 if n != size:
                     problems.append(Problem("bad-size", f"blob {blob_id}: row says {size} bytes, file has {n}"))
+            if self.has_index:
+                # Blobs not indexed yet (fts NULL) are fine: the backfill takes them, searches
+                # scan them. A blob marked indexed must have its rows.
+                for r in conn.execute(
+                    "SELECT b.id FROM blob b WHERE b.fts = 1 AND NOT EXISTS"
+                    " (SELECT 1 FROM blob_key k JOIN blob_text t ON t.id = k.id WHERE k.blob_id = b.id)"
+                ):
+                    problems.append(Problem("index", f"blob {r[0]}: marked indexed but its index rows are missing"))
             for r in conn.execute(
                 "SELECT a.id, a.address, a.used_bytes, a.used_messages,"
                 " (SELECT coalesce(sum(m.size), 0) FROM message m JOIN mailbox b ON b.id = m.mailbox_id"

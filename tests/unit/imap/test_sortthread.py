@@ -9,8 +9,7 @@ def _item(seq: int, subject: str, mid: str, refs: tuple[str, ...] = (), date: fl
           base: str | None = None) -> st.Item:
     keys = st.make_keys(subject, base if base is not None else subject.removeprefix("Re: "), None,
                         "", "", "", "", "", mid, "", refs)
-    keys = st.SortKeys(date if date is not None else float(seq), keys.from_, keys.to, keys.cc, keys.subject,
-                       keys.display_from, keys.display_to, keys.message_id, keys.references, keys.reply)
+    keys = keys._replace(date=date if date is not None else float(seq))
     return st.item(seq, seq, 100 - seq, float(1000 - seq), keys)
 
 
