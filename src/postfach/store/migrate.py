@@ -459,6 +459,8 @@ async def migrate(
 
 def _configured_location(config: Config) -> str:
     if config.store.backend == "postgres":
+        if config.store.schema:  # a DSN names no schema: copying would read or fill the wrong tables
+            raise UsageError("store migrate: a store in a PostgreSQL schema ([store] schema) cannot be copied yet")
         return config.store.dsn
     return str(config.path(config.store.path))
 
