@@ -77,8 +77,10 @@ class ServerProcess:
         log_level: str = "INFO",
         limits: dict[str, int] | None = None,
         log_dir: Path | None = None,
+        init_args: Sequence[str] = (),
     ) -> None:
         self.data = data
+        self.init_args = list(init_args)  # more `postfach init` arguments (e.g. --store DSN --schema S)
         self.log_dir = log_dir or data.parent
         self.log_level = log_level
         self.limits = {
@@ -95,7 +97,7 @@ class ServerProcess:
     # --- setting up ---------------------------------------------------------------------------------
     def init(self) -> None:
         """``postfach init --dev`` and the rewrites: ports 0, cheap hashing, limits, log level."""
-        rc, out = postfach(["init", "--dev", "--hostname", "localhost"], data=self.data)
+        rc, out = postfach(["init", "--dev", "--hostname", "localhost", *self.init_args], data=self.data)
         if rc != 0:
             raise RuntimeError(f"postfach init failed ({rc}): {out}")
         cfg = self.data / "postfach.toml"

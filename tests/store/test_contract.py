@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from tests import backends
 from tests.store.storehelpers import account_with_inbox, backend_params, msg, new_store, opened
 
 from postfach.errors import AlreadyExists, MailboxInUse, NotFound, NotPermitted, QuotaExceeded, StoreError
@@ -39,8 +40,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     assert problems == [], problems  # every test leaves a consistent store
 
 
-def test_sqlite_store_satisfies_protocol(tmp_path: Path) -> None:
-    assert isinstance(new_store("sqlite", tmp_path), Store)
+def test_store_satisfies_protocol(tmp_path: Path) -> None:
+    assert isinstance(new_store(backends.backend(), tmp_path), Store)
 
 
 # ------------------------------------------------------------------------------------ domains
@@ -633,13 +634,13 @@ async def test_queue(store: Store) -> None:
 
 @pytest.mark.asyncio
 async def test_queue_survives_restart(tmp_path: Path) -> None:
-    s = new_store("sqlite", tmp_path)
+    s = new_store(backends.backend(), tmp_path)
     await s.open()
     item = await s.queue_add("s@example.com", [QueueRecipient("r@remote.example")], msg(1))
     due = await s.queue_due(datetime.now(UTC))
     assert [i.id for i in due] == [item.id]
     await s.close()
-    s2 = new_store("sqlite", tmp_path)
+    s2 = new_store(backends.backend(), tmp_path)
     await s2.open()
     try:
         due = await s2.queue_due(datetime.now(UTC))  # claims do not survive the process
@@ -653,6 +654,7 @@ async def test_queue_survives_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only("tampers with the embedded store's blob files (PostgreSQL: test_postgres_nodes.py)")
 async def test_check_finds_problems_and_recount(tmp_path: Path) -> None:
     """The embedded store's blob files (PostgreSQL's chunks: test_postgres_nodes.py,
     test_check_finds_tampered_chunks)."""
@@ -685,7 +687,7 @@ async def _check_finds_problems_and_recount(store: Store, tmp_path: Path) -> Non
 
 @pytest.mark.asyncio
 async def test_closed_store_refuses(tmp_path: Path) -> None:
-    s = new_store("sqlite", tmp_path)
+    s = new_store(backends.backend(), tmp_path)
     with pytest.raises(StoreError):
         await s.list_domains()
     await s.open()

@@ -21,7 +21,10 @@ from postfach.store.postgres import CHUNK_BYTES, PostgresStore
 from postfach.store.sqlite import SqliteStore
 from postfach.types import Uid
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.postgres_only("copies between both backends; needs the PostgreSQL server either way"),
+]
 
 
 @pytest.fixture
