@@ -39,7 +39,7 @@ import logging
 import random
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -246,6 +246,8 @@ class _Tx:
 
     changes: list[Change] = field(default_factory=list)
     notified: list[Change] = field(default_factory=list)  # NOTIFY sent by SQL already; local only
+    in_line: list[int] = field(default_factory=list)  # accounts whose local feed waits for this one
+    state: int = 0  # 0 running, 1 committed, 2 failed (see PostgresStore._tx_done)
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +455,7 @@ class PostgresStore:
         self._watch_task: asyncio.Task[None] | None = None
         self._subs: dict[AccountId, set[_Subscription]] = {}
         self._maildrop_locks: set[AccountId] = set()
+        self._feed_lines: dict[int, deque[_Tx]] = {}  # per account: its writes in lock (= commit) order
         self._open = False
         self._closing = False
         self.schema_version = 0
@@ -711,7 +714,7 @@ class PostgresStore:
         for attempt in range(tries):
             tx = _Tx()
             try:
-                async with self._conn() as conn:
+                async with self._conn() as conn, self._tx_guard(tx):
                     tr = conn.transaction()
                     try:
                         await tr.start()
@@ -751,9 +754,44 @@ class PostgresStore:
                 if t is exc:
                     raise
                 raise t from exc
-            self._dispatch(tx.notified + tx.changes, local=True)
+            self._tx_done(tx, committed=True)
             return result
         raise StoreUnavailable("database busy; try again")
+
+    # The local feed in commit order. Writes to one account commit in the order they got its row
+    # lock (they hold it to their commit), but two commits that return together may resume their
+    # callers in either order: each write therefore gets in line for its accounts right after the
+    # statement that took their locks returned, and its changes go out once every write ahead of
+    # it in a line has committed (published first) or failed (publishes nothing).
+    def _in_line(self, tx: _Tx, account_ids: Iterable[AccountId]) -> None:
+        """Call right after the statement that locked these account rows returned."""
+        for a in sorted({int(x) for x in account_ids} - set(tx.in_line)):
+            tx.in_line.append(a)
+            self._feed_lines.setdefault(a, deque()).append(tx)
+
+    def _tx_done(self, tx: _Tx, *, committed: bool) -> None:
+        if tx.state:
+            return
+        tx.state = 1 if committed else 2
+        if committed:
+            self._dispatch([ch for ch in tx.notified + tx.changes if int(ch.account_id) not in tx.in_line], local=True)
+        for a in tx.in_line:
+            line = self._feed_lines.get(a)
+            while line and line[0].state:
+                head = line.popleft()
+                if head.state == 1:
+                    self._dispatch([ch for ch in head.notified + head.changes if int(ch.account_id) == a], local=True)
+            if line is not None and not line:
+                del self._feed_lines[a]
+
+    @contextlib.asynccontextmanager
+    async def _tx_guard(self, tx: _Tx) -> AsyncIterator[None]:
+        """A write attempt that ends without its commit leaves the lines it was in."""
+        try:
+            yield
+        except BaseException:
+            self._tx_done(tx, committed=False)
+            raise
 
     # ------------------------------------------------------------------ transaction building blocks
     async def _prepare_blobs(self, datas: Sequence[bytes]) -> list[_Blob]:
@@ -837,14 +875,15 @@ class PostgresStore:
             if n is not None and n <= 0:
                 await conn.execute("DELETE FROM blob WHERE id = $1", blob_id)  # chunks cascade
 
-    @staticmethod
-    async def _lock_accounts(conn: Conn, account_ids: Iterable[AccountId]) -> set[AccountId]:
+    async def _lock_accounts(self, conn: Conn, tx: _Tx, account_ids: Iterable[AccountId]) -> set[AccountId]:
         """Every mail write starts here: the account rows, ascending. Returns those that exist."""
         ids = sorted({int(a) for a in account_ids})
         rows = await conn.fetch(
             "SELECT id FROM account WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE", ids
         )
-        return {AccountId(r["id"]) for r in rows}
+        found = {AccountId(r["id"]) for r in rows}
+        self._in_line(tx, found)
+        return found
 
     @staticmethod
     async def _mailbox_row(conn: Conn, account_id: AccountId, mailbox_id: MailboxId, *, lock: bool = False) -> Row:
@@ -912,6 +951,7 @@ class PostgresStore:
             await self._add_usage(conn, account_id, total, n, check=check_quota)
         elif check_quota:
             await self._check_quota(conn, account_id, total, n)
+        self._in_line(tx, [account_id])  # the usage UPDATE locked the account row (or the caller did)
         mb = await conn.fetchrow(
             "UPDATE mailbox SET uidnext = uidnext + $1, highestmodseq = highestmodseq + 1"
             " WHERE id = $2 AND account_id = $3 RETURNING uidnext, highestmodseq, uidvalidity",
@@ -981,6 +1021,7 @@ class PostgresStore:
             )
         except asyncpg.exceptions.RaiseError as exc:
             raise _raised(exc) from None
+        self._in_line(tx, [account_id])  # postfach_append locked the account row
         first, modseq = int(row["o_first"]), ModSeq(int(row["o_modseq"]))
         uids = [Uid(first + i) for i in range(len(entries))]
         tx.notified.append(Change(account_id, ChangeKind.APPEND, mailbox_id, modseq, tuple(uids)))
@@ -1202,7 +1243,7 @@ class PostgresStore:
 
     async def delete_account(self, account_id: AccountId) -> None:
         async def fn(conn: Conn, tx: _Tx) -> None:
-            if not await self._lock_accounts(conn, [account_id]):
+            if not await self._lock_accounts(conn, tx, [account_id]):
                 raise NotFound("no such account")
             counts: Counter[str] = Counter()
             for r in await conn.fetch(
@@ -1301,7 +1342,7 @@ class PostgresStore:
             raise NotPermitted("empty mailbox name")
 
         async def fn(conn: Conn, tx: _Tx) -> MailboxId:
-            if not await self._lock_accounts(conn, [account_id]):
+            if not await self._lock_accounts(conn, tx, [account_id]):
                 raise NotFound("no such account")
             return await self._create_mailbox_tx(conn, tx, account_id, name, special_use)
 
@@ -1313,7 +1354,7 @@ class PostgresStore:
 
     async def delete_mailbox(self, account_id: AccountId, mailbox_id: MailboxId) -> None:
         async def fn(conn: Conn, tx: _Tx) -> None:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             mb = await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             if mb["name"] == "INBOX":
                 raise NotPermitted("INBOX cannot be deleted")
@@ -1331,7 +1372,7 @@ class PostgresStore:
             raise NotPermitted("empty mailbox name")
 
         async def fn(conn: Conn, tx: _Tx) -> None:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             mb = await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             old = str(mb["name"])
             if new_name == old or await conn.fetchval(
@@ -1514,7 +1555,7 @@ class PostgresStore:
         now = _now()
 
         async def fn(conn: Conn, tx: _Tx) -> list[AppendResult]:
-            existing = await self._lock_accounts(conn, [t.account_id for t in targets])
+            existing = await self._lock_accounts(conn, tx, [t.account_id for t in targets])
             # Resolve every target and check every quota first: nothing is written if any fails.
             plans: list[tuple[DeliveryTarget, MailboxId, _Blob]] = []
             need: dict[AccountId, tuple[int, int]] = {}
@@ -1629,7 +1670,7 @@ class PostgresStore:
         flags = normalize_flags(flags)
 
         async def fn(conn: Conn, tx: _Tx) -> StoreFlagsResult:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             mb = await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             rows = await self._select_uids(conn, mailbox_id, uids, _MESSAGE_COLS)
             modseq = int(mb["highestmodseq"]) + 1
@@ -1672,7 +1713,7 @@ class PostgresStore:
         self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid] | None = None
     ) -> list[Uid]:
         async def fn(conn: Conn, tx: _Tx) -> list[Uid]:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             if uids is None:
                 rows = await conn.fetch(
@@ -1686,7 +1727,7 @@ class PostgresStore:
 
     async def delete_messages(self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid]) -> list[Uid]:
         async def fn(conn: Conn, tx: _Tx) -> list[Uid]:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             rows = await self._select_uids(conn, mailbox_id, uids, "uid, blob_id, size")
             return await self._remove_messages(conn, tx, account_id, mailbox_id, rows)
@@ -1703,7 +1744,7 @@ class PostgresStore:
         dest_id: MailboxId,
         move: bool,
     ) -> CopyResult:
-        await self._lock_accounts(conn, [account_id])
+        await self._lock_accounts(conn, tx, [account_id])
         boxes = {}
         for mid in sorted({int(source_id), int(dest_id)}):  # ascending: a fixed lock order
             boxes[mid] = await self._mailbox_row(conn, account_id, MailboxId(mid), lock=True)
@@ -2123,7 +2164,7 @@ class PostgresStore:
 
     async def recount_usage(self, account_id: AccountId) -> tuple[int, int]:
         async def fn(conn: Conn, tx: _Tx) -> tuple[int, int]:
-            if not await self._lock_accounts(conn, [account_id]):
+            if not await self._lock_accounts(conn, tx, [account_id]):
                 raise NotFound("no such account")
             r = await conn.fetchrow(
                 "SELECT coalesce(sum(m.size), 0) AS b, count(*) AS n FROM message m"
