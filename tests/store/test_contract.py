@@ -74,6 +74,21 @@ async def test_domains(store: Store) -> None:
 
 
 @pytest.mark.asyncio
+async def test_lookups_by_a_key_with_nul_find_nothing(store: Store) -> None:
+    """A login name or address with a NUL (an IMAP literal, POP3 USER) is no account, no alias,
+    no mailbox: "not found", never a database error (PostgreSQL's text cannot hold NUL)."""
+    await store.add_domain("example.com")
+    a = await store.create_account("alice@example.com", "h")
+    await store.add_alias("sales@example.com", "alice@example.com")
+    assert await store.get_account("alice\x00@example.com") is None
+    assert await store.get_domain("example.com\x00") is None
+    assert await store.aliases_for("sales\x00@example.com") == []
+    assert await store.list_accounts("example.com\x00") == []
+    assert await store.list_aliases("example.com\x00") == []
+    assert await store.get_mailbox(a.id, "IN\x00BOX") is None
+
+
+@pytest.mark.asyncio
 async def test_accounts(store: Store) -> None:
     with pytest.raises(NotFound):
         await store.create_account("a@example.com", "h")  # no domain

@@ -145,10 +145,18 @@ def _key(namespace: str) -> int:
     return zlib.crc32(namespace.encode()) & 0x7FFFFFFF
 
 
+def _storable(text: str) -> bool:
+    """Can PostgreSQL hold this text? (Its text type has no NUL character; SQLite's has.) Lookups
+    by a key that cannot be stored find nothing, as on the embedded store, instead of failing."""
+    return "\x00" not in text
+
+
 def _translate(exc: BaseException) -> BaseException:
     """Never let a raw asyncpg/OS error reach a caller."""
     if isinstance(exc, PostfachError):
         return exc
+    if isinstance(exc, asyncpg.exceptions.CharacterNotInRepertoireError):  # 22021: a NUL in text
+        return NotPermitted("names, addresses and flags cannot contain a NUL character")
     if isinstance(exc, asyncpg.exceptions.DiskFullError):
         return StorageFull(f"database: {exc}")
     if isinstance(exc, _UNAVAILABLE):
@@ -1142,6 +1150,8 @@ class PostgresStore:
         return [_domain(r) for r in await self._fetch('SELECT * FROM domain ORDER BY name COLLATE "C"')]
 
     async def get_domain(self, name: str) -> Domain | None:
+        if not _storable(name):
+            return None
         r = await self._fetchrow("SELECT * FROM domain WHERE name = $1", _norm_domain(name))
         return _domain(r) if r else None
 
@@ -1200,6 +1210,8 @@ class PostgresStore:
         return _account(await self._write(fn))
 
     async def get_account(self, address: str) -> Account | None:
+        if not _storable(address):
+            return None  # a login name with a NUL (IMAP literal, POP3 USER): no such account
         r = await self._fetchrow("SELECT * FROM account WHERE address = $1", _norm_address(address))
         return _account(r) if r else None
 
@@ -1210,6 +1222,8 @@ class PostgresStore:
     async def list_accounts(self, domain: str | None = None) -> list[Account]:
         if domain is None:
             rows = await self._fetch('SELECT * FROM account ORDER BY address COLLATE "C"')
+        elif not _storable(domain):
+            return []
         else:
             rows = await self._fetch(
                 'SELECT * FROM account WHERE domain = $1 ORDER BY address COLLATE "C"', domain.strip().lower()
@@ -1289,6 +1303,8 @@ class PostgresStore:
     async def list_aliases(self, domain: str | None = None) -> list[Alias]:
         if domain is None:
             rows = await self._fetch('SELECT source, target FROM alias ORDER BY source COLLATE "C", target COLLATE "C"')
+        elif not _storable(domain):
+            return []
         else:
             rows = await self._fetch(
                 'SELECT source, target FROM alias WHERE domain = $1 ORDER BY source COLLATE "C", target COLLATE "C"',
@@ -1308,6 +1324,8 @@ class PostgresStore:
         await self._write(fn)
 
     async def aliases_for(self, source: str) -> list[Alias]:
+        if not _storable(source):
+            return []
         rows = await self._fetch(
             'SELECT source, target FROM alias WHERE source = $1 ORDER BY target COLLATE "C"', _norm_address(source)
         )
@@ -1323,6 +1341,8 @@ class PostgresStore:
         return [_mailbox(r) for r in rows]
 
     async def get_mailbox(self, account_id: AccountId, name: str) -> Mailbox | None:
+        if not _storable(name):
+            return None
         r = await self._fetchrow(
             f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = $1 AND m.name = $2",
             account_id,
