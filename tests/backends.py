@@ -37,6 +37,8 @@ from postfach.store.base import Store
 
 BACKENDS = ("sqlite", "postgres")
 ENV = "POSTFACH_TEST_STORE"
+RUN_ENV = "POSTFACH_TEST_RUN"  # one id per test run, shared by the xdist workers (set in pytest_configure)
+DB_PREFIX = "postfach_test_"
 PG_SERVER_DSN = os.environ.get("POSTFACH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 T = TypeVar("T")
@@ -116,7 +118,8 @@ class _TestDatabase:
     def _create(self) -> None:
         import asyncpg
 
-        name = f"postfach_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        run = os.environ.get(RUN_ENV) or uuid.uuid4().hex[:8]
+        name = f"{DB_PREFIX}{run}_{os.getpid()}_{uuid.uuid4().hex[:4]}"
 
         async def create() -> None:
             conn = await asyncpg.connect(PG_SERVER_DSN, timeout=5)
@@ -155,6 +158,28 @@ class _TestDatabase:
 
 
 TEST_DB = _TestDatabase()
+
+
+def drop_run_databases(run: str) -> list[str]:
+    """Drop every database of test run ``run`` (those of workers that died before dropping theirs)."""
+    import asyncpg
+
+    async def sweep() -> list[str]:
+        conn = await asyncpg.connect(PG_SERVER_DSN, timeout=5)
+        try:
+            names = [
+                r["datname"]
+                for r in await conn.fetch(
+                    "SELECT datname FROM pg_database WHERE starts_with(datname, $1)", f"{DB_PREFIX}{run}_"
+                )
+            ]
+            for name in names:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return names
+        finally:
+            await conn.close()
+
+    return run_sync(sweep())
 
 
 def pg_dsn() -> str:

@@ -13,7 +13,9 @@ import asyncio
 import importlib
 import os
 import ssl
+import sys
 import threading
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -69,6 +71,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if chosen not in backends.BACKENDS:
         raise pytest.UsageError(f"{backends.ENV}={chosen!r}: expected one of {', '.join(backends.BACKENDS)}")
     os.environ[backends.ENV] = chosen  # helpers, xdist workers and subprocesses read it
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) names the run
+        os.environ[backends.RUN_ENV] = uuid.uuid4().hex[:8]
     config.addinivalue_line("markers", "sqlite_only(reason): about the embedded store only; not in the postgres pass")
     config.addinivalue_line("markers", "postgres_only(reason): about PostgreSQL only; not in the sqlite pass")
     if chosen == "postgres" and not hasattr(config, "workerinput"):
@@ -76,6 +80,19 @@ def pytest_configure(config: pytest.Config) -> None:
         if why is not None:
             # Asked for explicitly: never a silent green run (`make test` skips the pass itself locally).
             raise pytest.UsageError(f"--store=postgres: PostgreSQL at {backends.PG_SERVER_DSN} is unreachable: {why}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    backends.TEST_DB.drop()  # this process's database (atexit drops it too, as a fallback)
+    if backends.is_postgres() and not hasattr(config, "workerinput"):
+        # Databases of workers that died without dropping theirs; a failure here must not fail the run.
+        try:
+            left = backends.drop_run_databases(os.environ[backends.RUN_ENV])
+        except Exception as exc:
+            print(f"could not drop the test run's databases: {exc}", file=sys.__stderr__)
+        else:
+            if left:
+                print(f"dropped databases left by dead test processes: {', '.join(left)}", file=sys.__stderr__)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
