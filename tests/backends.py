@@ -232,7 +232,7 @@ def init_args(data_dir: Path) -> list[str]:
     return []
 
 
-async def blob_stored(store: Store, path: Path, blob_id: str) -> bool:
+async def blob_stored(path: Path, blob_id: str) -> bool:
     """Are the bytes of ``blob_id`` still kept (a file of the embedded store, a row on PostgreSQL)?"""
     if not is_postgres():
         return (Path(path) / "blobs" / blob_id[:2] / blob_id[2:4] / blob_id).exists()

@@ -155,7 +155,7 @@ async def test_concurrent_append_delete_same_bytes(tmp_path: Path) -> None:
         await asyncio.gather(*(churn() for _ in range(8)))
         assert await store.list_messages(aid, inbox) == []
         assert await store.check() == []
-        assert not await backends.blob_stored(store, tmp_path, hashlib.sha256(data).hexdigest())
+        assert not await backends.blob_stored(tmp_path, hashlib.sha256(data).hexdigest())
     finally:
         await store.close()
 
