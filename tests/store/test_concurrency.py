@@ -72,7 +72,7 @@ async def test_one_failure_does_not_fail_its_batch(tmp_path: Path) -> None:
         aid, inbox = await account_with_inbox(store)
         full, finbox = await account_with_inbox(store, "full@example.com", quota_messages=0)
         gate = threading.Event()
-        blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(30)))
+        blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(100)))  # outlasts the wait below
         tasks = []
         for i in range(40):  # all forty queue up behind the blocker: one batch
             if i % 4 == 0:
@@ -227,7 +227,7 @@ async def test_group_commit_batches(tmp_path: Path) -> None:
         batches.clear()
         gate = threading.Event()
         # Hold the writer busy until all 100 appends have queued up behind it.
-        blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(30)))
+        blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(100)))  # outlasts the wait below
         tasks = [asyncio.create_task(store.append(aid, inbox, msg(i))) for i in range(100)]
         for _ in range(3000):
             if store._wq.qsize() >= 100:
