@@ -225,9 +225,15 @@ async def test_group_commit_batches(tmp_path: Path) -> None:
     try:
         aid, inbox = await account_with_inbox(store)
         batches.clear()
-        gate = threading.Event()
-        # Hold the writer busy until all 100 appends have queued up behind it.
-        blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(100)))  # outlasts the wait below
+        gate, running = threading.Event(), threading.Event()
+
+        def hold(tx: Any) -> bool:
+            running.set()
+            return gate.wait(100)  # outlasts the wait below
+
+        # Hold the writer busy (it has taken the blocker alone) until all 100 appends queued up behind it.
+        blocker = asyncio.ensure_future(store._write(hold))
+        assert await asyncio.to_thread(running.wait, 60)
         tasks = [asyncio.create_task(store.append(aid, inbox, msg(i))) for i in range(100)]
         for _ in range(3000):
             if store._wq.qsize() >= 100:

@@ -27,9 +27,14 @@ pytestmark = pytest.mark.timeout(60)
 
 async def _hold_writer(store: SqliteStore) -> tuple[threading.Event, asyncio.Future[object]]:
     """Keep the writer busy so that what follows queues up into one batch."""
-    gate = threading.Event()
-    blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(30)))
-    await asyncio.sleep(0.05)
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(tx: object) -> bool:
+        running.set()
+        return gate.wait(50)
+
+    blocker = asyncio.ensure_future(store._write(hold))
+    assert await asyncio.to_thread(running.wait, 30)  # the writer has taken the blocker, alone
     return gate, blocker
 
 
