@@ -78,9 +78,11 @@ class ServerProcess:
         limits: dict[str, int] | None = None,
         log_dir: Path | None = None,
         workers: int = 1,
+        init_args: Sequence[str] = (),
     ) -> None:
         self.data = data
         self.workers = workers  # serve --workers N (a supervisor and N worker processes)
+        self.init_args = list(init_args)  # more `postfach init` arguments (e.g. --store DSN --schema S)
         self.log_dir = log_dir or data.parent
         self.log_level = log_level
         self.limits = {
@@ -97,7 +99,7 @@ class ServerProcess:
     # --- setting up ---------------------------------------------------------------------------------
     def init(self) -> None:
         """``postfach init --dev`` and the rewrites: ports 0, cheap hashing, limits, log level."""
-        rc, out = postfach(["init", "--dev", "--hostname", "localhost"], data=self.data)
+        rc, out = postfach(["init", "--dev", "--hostname", "localhost", *self.init_args], data=self.data)
         if rc != 0:
             raise RuntimeError(f"postfach init failed ({rc}): {out}")
         cfg = self.data / "postfach.toml"

@@ -162,8 +162,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     hostname = (args.hostname or ("localhost" if args.dev else _default_hostname())).strip().lower()
     if not re.match(r"^[a-z0-9.-]+$", hostname) or hostname.startswith(("-", ".")):
         raise UsageError(f"{hostname!r} is not a host name")
+    schema = getattr(args, "schema", None)
+    if schema and not getattr(args, "store", None):
+        raise UsageError("--schema names a PostgreSQL schema: it needs --store DSN")
     d.mkdir(parents=True, exist_ok=True)
-    text = cfgmod.render_initial(hostname, dev=args.dev, store_dsn=getattr(args, "store", None))
+    text = cfgmod.render_initial(hostname, dev=args.dev, store_dsn=getattr(args, "store", None), store_schema=schema)
     cfg = cfgmod.parse(text, where=str(path), data_dir=d)  # validate what we are about to write
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -537,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hostname", help="the server's host name (default: this machine's FQDN)")
     s.add_argument("--dev", action="store_true", help="listen on 127.0.0.1 with high ports")
     s.add_argument("--store", metavar="DSN", help="use PostgreSQL at DSN instead of the embedded store")
+    s.add_argument("--schema", metavar="NAME", help="with --store: keep the tables in this PostgreSQL schema")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("serve", parents=[common], help="run every listener")

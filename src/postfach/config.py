@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -54,6 +55,7 @@ class StoreConfig:
     backend: str = "sqlite"  # "sqlite" (embedded) or "postgres"
     path: str = "store"  # sqlite: folder below the data dir holding the database and blobs
     dsn: str = ""  # postgres
+    schema: str = ""  # postgres: the schema holding postfach's tables (made when missing); "": the default (public)
     group_commit_max: int = 256  # writes that may share one commit
 
 
@@ -338,6 +340,10 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: imap.metadata_max_account_entries: below metadata_max_mailbox_entries")
     if cfg.store.backend == "postgres" and not cfg.store.dsn:
         raise ConfigError(f'{where}: store.dsn: required when store.backend is "postgres"')
+    if cfg.store.schema and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", cfg.store.schema):
+        raise ConfigError(
+            f"{where}: store.schema: {cfg.store.schema!r} is not a plain PostgreSQL name (a-z, 0-9, _; at most 63)"
+        )
     hh, _, mm = cfg.backup.time_of_day.partition(":")
     if not (hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
         raise ConfigError(f"{where}: backup.time_of_day: {cfg.backup.time_of_day!r} is not HH:MM")
@@ -418,6 +424,7 @@ def render_initial(
     ports: tuple[tuple[str, int, str], ...] | None = None,
     address: str | None = None,
     store_dsn: str | None = None,
+    store_schema: str | None = None,
 ) -> str:
     """The postfach.toml that ``postfach init`` writes: every listener spelled out, defaults noted."""
     addr = address if address is not None else ("127.0.0.1" if dev else "::")
@@ -439,6 +446,8 @@ def render_initial(
     lines += ["[store]"]
     if store_dsn:
         lines += ['backend = "postgres"', f'dsn = "{store_dsn}"']
+        if store_schema:
+            lines += [f'schema = "{store_schema}"']
     else:
         lines += ['backend = "sqlite"', 'path = "store"']
     lines += [

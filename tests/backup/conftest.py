@@ -1,5 +1,6 @@
-"""Fixtures for the backup tests: a data dir made by the real ``postfach init`` with a real SQLite
-store holding two accounts with mail in several folders and flags."""
+"""Fixtures for the backup tests: a data dir made by the real ``postfach init`` with a real store
+(of the run's backend, tests/backends.py; the backup tests themselves are SQLite-only) holding two
+accounts with mail in several folders and flags."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests import backends
 
 from postfach import config as cfgmod
 from postfach.cli import main
 from postfach.config import Config
-from postfach.store.sqlite import SqliteStore
+from postfach.store.base import Store
 from postfach.types import AccountId, MailboxId
 
 USER = "user@example.org"
@@ -55,8 +57,8 @@ class Env:
     def run(self, *argv: str) -> int:
         return main(["--data", str(self.data), *argv])
 
-    def store(self) -> SqliteStore:
-        return SqliteStore(self.store_dir)
+    def store(self) -> Store:
+        return backends.new_store(self.store_dir)
 
     def db_rows(self, sql: str, params: tuple[Any, ...] = (), db: Path | None = None) -> list[tuple[Any, ...]]:
         path = db or self.store_dir / "meta.sqlite3"
@@ -67,7 +69,7 @@ class Env:
             conn.close()
 
 
-async def populate(store: SqliteStore, *, metadata: bool = True) -> None:
+async def populate(store: Store, *, metadata: bool = True) -> None:
     await store.add_domain("example.org")
     user = await store.create_account(USER, HASH_USER)
     other = await store.create_account(OTHER, HASH_OTHER)
@@ -97,7 +99,7 @@ async def populate(store: SqliteStore, *, metadata: bool = True) -> None:
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     data = tmp_path / "data"
-    assert main(["--data", str(data), "init", "--dev"]) == 0
+    assert main(["--data", str(data), "init", "--dev", *backends.init_args(data)]) == 0
     config = cfgmod.load(data)
     e = Env(data, config)
 

@@ -25,6 +25,10 @@ from postfach.types import AccountId, MailboxId, ModSeq, Uid
 
 from .conftest import HASH_USER, OTHER, USER, Env, message
 
+# `postfach backup` snapshots the embedded store's files (PostgreSQL is backed up with pg_dump,
+# src/postfach/backup.py refuses it): every test here is about those files.
+pytestmark = pytest.mark.sqlite_only("backups snapshot the embedded store's files; PostgreSQL uses pg_dump")
+
 
 def disk_usage(root: Path) -> int:
     """Bytes on disk below ``root``, each inode counted once (hard links are free)."""

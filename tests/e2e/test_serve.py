@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from tests import backends
 
 from postfach import cli
 
 
 def _init(tmp_path: Path) -> Path:
     d = tmp_path / "var"
-    assert cli.main(["init", "--data", str(d), "--dev", "--hostname", "localhost"]) == 0
+    assert cli.main(["init", "--data", str(d), "--dev", "--hostname", "localhost", *backends.init_args(d)]) == 0
     cfg = d / "postfach.toml"
     # free ports: let the kernel choose (tests run in parallel); the log says which
     cfg.write_text(re.sub(r"port = \d+", "port = 0", cfg.read_text()))

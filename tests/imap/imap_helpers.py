@@ -1,4 +1,4 @@
-"""Shared setup for IMAP tests: a ServerContext over the real SqliteStore in a temp folder."""
+"""Shared setup for IMAP tests: a ServerContext over a real store of the run's backend (tests/backends.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tests import backends
+
 from postfach.auth import Authenticator
 from postfach.config import AuthConfig, Config, LimitsConfig, ListenerConfig
 from postfach.context import ConnectionInfo, ServerContext
-from postfach.store.sqlite import SqliteStore
+from postfach.store.base import Store
 from postfach.types import AccountId
 
 USER = "user@example.org"
@@ -22,7 +24,7 @@ FAST_AUTH = AuthConfig(argon2_time_cost=1, argon2_memory_kib=8, argon2_paralleli
 @dataclass
 class Env:
     ctx: ServerContext
-    store: SqliteStore
+    store: Store
     account_id: AccountId
     other_id: AccountId
 
@@ -33,8 +35,7 @@ def _no_tls() -> ssl.SSLContext:
 
 async def make_env(tmp: Path, *, tls_context: Any = None, limits: dict[str, Any] | None = None,
                    auth: dict[str, Any] | None = None, **config: Any) -> Env:
-    store = SqliteStore(tmp / "store")
-    await store.open()
+    store = await backends.open_new_store(tmp / "store")
     auth_cfg = replace(FAST_AUTH, **(auth or {}))
     authn = Authenticator(store, auth_cfg)
     cfg = Config(

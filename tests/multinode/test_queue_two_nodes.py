@@ -20,7 +20,11 @@ from postfach.queue.scheduler import QueueRunner
 from postfach.store.base import QueueRecipient
 from postfach.store.postgres import PostgresStore
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.asyncio,
+    pytest.mark.postgres_only("several nodes share one PostgreSQL database"),
+]
 
 MX_IP = "127.0.0.31"
 

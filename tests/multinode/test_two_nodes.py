@@ -27,7 +27,11 @@ from tests.store.storehelpers import PG_SERVER_DSN, pg_dsn, run_sync
 
 from postfach import cli
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.slow,
+    pytest.mark.postgres_only("several nodes share one PostgreSQL database"),
+]
 
 USER = "user@example.org"
 PASSWORD = "multi-node-pass-1"

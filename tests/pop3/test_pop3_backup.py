@@ -17,7 +17,10 @@ from postfach import backup
 from postfach.auth import Authenticator
 from postfach.context import ServerContext
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.sqlite_only("postfach backup snapshots the embedded store only (PostgreSQL: pg_dump)"),
+]
 
 
 async def uidl_listing(port: int) -> list[bytes]:

@@ -62,7 +62,10 @@ class Client:
         )
         rc.chmod(0o600)
         self.env["FETCHMAILHOME"] = str(self.tmp)
-        return [FETCHMAIL or "fetchmail", "-f", str(rc), "-N", "--idfile", str(self.tmp / "ids"), "-v"]
+        # Its own lock file: as root fetchmail locks /var/run/fetchmail.pid, shared with every other
+        # fetchmail on the machine (a parallel test, another checkout's run).
+        ids, pidfile = str(self.tmp / "ids"), str(self.tmp / "fetchmail.pid")
+        return [FETCHMAIL or "fetchmail", "-f", str(rc), "-N", "--idfile", ids, "--pidfile", pidfile, "-v"]
 
     def _mpop_argv(self) -> list[str]:
         rc = self.tmp / "mpoprc"

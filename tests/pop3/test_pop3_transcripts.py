@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
 import re
-import sqlite3
 import sys
 from pathlib import Path
 
 import pytest
+from tests import backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pop3_helpers import Env, conninfo, make_env, message
@@ -145,13 +144,9 @@ class Player:
                 del self.sessions[k]
             case ["disable-account"]:
                 # No Store API disables an account yet (an operator does it in the database).
-                db = self.store_path / "meta.sqlite3"
-
-                def disable() -> None:
-                    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-                        conn.execute("UPDATE account SET disabled = 1 WHERE id = ?", (int(env.account_id),))
-
-                await asyncio.to_thread(disable)
+                await backends.execute_sql(
+                    self.store_path, f"UPDATE account SET disabled = TRUE WHERE id = {int(env.account_id)}"
+                )
             case ["store-down"]:
                 await env.store.close()  # every later store call raises StoreUnavailable
                 self.store_closed = True

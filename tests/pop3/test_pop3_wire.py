@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import sqlite3
 import ssl
 import sys
 from pathlib import Path
 
 import pytest
+from tests import backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pop3_helpers import PASSWORD, USER, make_env, serve
@@ -99,8 +99,7 @@ async def test_retr_and_top_are_byte_exact(tmp_path: Path, forget_wire_bits: boo
         for data in MESSAGES:
             await env.append(data)
         if forget_wire_bits:
-            with sqlite3.connect(tmp_path / "store" / "meta.sqlite3") as c:
-                c.execute("UPDATE blob SET wire = NULL")
+            await backends.execute_sql(tmp_path / "store", "UPDATE blob SET wire = NULL")
         async with serve(env, implicit_tls=True) as port:
 
             def client() -> tuple[list[bytes], list[bytes], list[bytes]]:

@@ -17,12 +17,13 @@ import pytest_asyncio
 from aiosmtpd.controller import Controller
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests import backends
+
 from dnsserver import DnsTestServer, free_port
 from postfach.auth import Authenticator
 from postfach.config import AuthConfig, Config, QueueConfig, SmtpConfig
 from postfach.context import ServerContext
 from postfach.store.base import Account, Store
-from postfach.store.sqlite import SqliteStore
 
 __all__ = [
     "ALICE",
@@ -157,8 +158,7 @@ def make_queue_config(tmp_path: Path, dns: DnsTestServer, relay_port: int, **que
 
 
 async def open_env(tmp_path: Path, dns: DnsTestServer, config: Config) -> QueueEnv:
-    store = SqliteStore(tmp_path / "store")
-    await store.open()
+    store = await backends.open_new_store(tmp_path / "store")
     if await store.get_domain(LOCAL_DOMAIN) is None:
         await store.add_domain(LOCAL_DOMAIN)
     alice = await store.get_account(ALICE) or await store.create_account(ALICE, "$argon2id$unused")

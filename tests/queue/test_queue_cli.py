@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tests import backends
 
 from postfach import dkim
 from postfach.config import Config, ListenerConfig
@@ -46,7 +47,7 @@ def seed(config: Config) -> list[int]:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(hostname="mail.postfach.test", data_dir=tmp_path, listeners=(
+    return Config(hostname="mail.postfach.test", data_dir=tmp_path, store=backends.store_config(tmp_path), listeners=(
         ListenerConfig("imap", 993, "::", "implicit"), ListenerConfig("submission", 587, "::", "starttls"),
         ListenerConfig("submission", 465, "::", "implicit"), ListenerConfig("mx", 25, "::", "starttls"),
     ))

@@ -38,6 +38,7 @@ from bench.load.clients import (
     verify,
 )
 from bench.load.server import ServerProcess
+from tests import backends
 
 PASSWORD = "crash-pass-1"
 SENDER = "sender@example.org"
@@ -67,7 +68,9 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) ->
     seed = int(os.environ.get("POSTFACH_CRASH_SEED", str(random.randrange(2**32))))
     rng = random.Random(seed)
     # a short handshake timeout: a handshake stalled by a busy server is retried by the clients
-    srv = ServerProcess(tmp_path / "var", limits={"tls_handshake_timeout_seconds": 2})
+    srv = ServerProcess(
+        tmp_path / "var", init_args=backends.init_args(tmp_path / "var"), limits={"tls_handshake_timeout_seconds": 2}
+    )
     srv.init()
     srv.provision([SENDER, INBOX_RCPT, POP_RCPT, *IMAP_USERS], PASSWORD)
     ledger = Ledger()

@@ -37,6 +37,9 @@ RCPT = "rcpt@example.org"
 IMAPUSER = "imap@example.org"
 
 
+pytestmark = pytest.mark.sqlite_only("fills the data dir's filesystem; PostgreSQL's disk is the database server's")
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "small"

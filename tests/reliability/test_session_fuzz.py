@@ -25,6 +25,7 @@ from bench.load.clients import CONNECT_TIMEOUT
 from bench.load.server import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests import backends
 
 PASSWORD = "fuzz-pass-1"
 FUZZ_USER = "fuzz@example.org"  # the fuzzer may delete and expunge this one's mail
@@ -41,7 +42,11 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     d = tmp_path_factory.mktemp("fuzzserve")
-    srv = ServerProcess(d / "var", limits={"tls_handshake_timeout_seconds": 3, "max_bad_commands": 1000})
+    srv = ServerProcess(
+        d / "var",
+        init_args=backends.init_args(d / "var"),
+        limits={"tls_handshake_timeout_seconds": 3, "max_bad_commands": 1000},
+    )
     srv.init()
     srv.provision([FUZZ_USER, CHECK_USER], PASSWORD)
     srv.start()

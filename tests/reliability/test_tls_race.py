@@ -20,11 +20,14 @@ from pathlib import Path
 
 import pytest
 from bench.load.server import ServerProcess
+from tests import backends
 
 
 @pytest.mark.timeout(180)
 def test_implicit_tls_handshake_survives_a_busy_event_loop(tmp_path: Path) -> None:
-    srv = ServerProcess(tmp_path / "var", limits={"tls_handshake_timeout_seconds": 4})
+    srv = ServerProcess(
+        tmp_path / "var", init_args=backends.init_args(tmp_path / "var"), limits={"tls_handshake_timeout_seconds": 4}
+    )
     srv.init()
     srv.start()
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import trustme
+from tests import backends
 
 from postfach.auth import Authenticator
 from postfach.config import AuthConfig, Config, ListenerConfig
@@ -52,11 +53,8 @@ def make_tls() -> tuple[ssl.SSLContext, ssl.SSLContext, trustme.CA]:
 
 
 async def open_store(path: Path) -> Store:
-    from postfach.store.sqlite import SqliteStore
-
-    store = SqliteStore(path)
-    await store.open()
-    return store
+    """A real store of the run's backend (tests/backends.py) in ``path``."""
+    return await backends.open_new_store(path)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests import backends
 from tests.smtp.smtp_helpers import OTHER, PASSWORD, USER
 
 from postfach.auth import make_hasher
@@ -47,7 +48,8 @@ argon2_parallelism = 1
 
 [logging]
 level = "WARNING"
-""",
+
+""" + backends.store_toml(data),
         encoding="utf-8",
     )
     from postfach.net.tls import generate_self_signed
@@ -56,10 +58,7 @@ level = "WARNING"
 
 
 async def _prepare_store(data: Path) -> None:
-    from postfach.store.sqlite import SqliteStore
-
-    store = SqliteStore(data / "store")
-    await store.open()
+    store = await backends.open_new_store(data / "store")
     try:
         await store.add_domain("example.org")
         hashed = make_hasher(FAST).hash(PASSWORD)
@@ -152,10 +151,7 @@ async def test_sigkill_during_burst_loses_no_acknowledged_message(tmp_path: Path
     proc.send_signal(signal.SIGTERM)
     await asyncio.wait_for(proc.wait(), 30)
 
-    from postfach.store.sqlite import SqliteStore
-
-    store = SqliteStore(data / "store")
-    await store.open()
+    store = await backends.open_new_store(data / "store")
     try:
         account = await store.get_account(OTHER)
         assert account is not None

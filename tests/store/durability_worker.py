@@ -1,6 +1,7 @@
 """Child process of test_durability: appends in a loop and prints every acknowledged message.
 
-Usage: python durability_worker.py STORE_PATH ACCOUNT_ID MAILBOX_ID. Each line printed is
+Usage: python durability_worker.py STORE_PATH ACCOUNT_ID MAILBOX_ID [DSN SCHEMA] (with a DSN: the
+PostgreSQL store in that schema instead of the embedded one at STORE_PATH). Each line printed is
 ``<uid> <sha256>``, written only after ``append`` returned (i.e. after the durable commit).
 The parent kills this process with SIGKILL while it runs.
 """
@@ -13,12 +14,14 @@ import os
 import sys
 from pathlib import Path
 
+from postfach.store.base import Store
+from postfach.store.postgres import PostgresStore
 from postfach.store.sqlite import SqliteStore
 from postfach.types import AccountId, MailboxId
 
 
-async def main(path: Path, account_id: AccountId, mailbox_id: MailboxId) -> None:
-    store = SqliteStore(path, group_commit_max=32)
+async def main(path: Path, account_id: AccountId, mailbox_id: MailboxId, pg: list[str]) -> None:
+    store: Store = PostgresStore(pg[0], schema=pg[1]) if pg else SqliteStore(path, group_commit_max=32)
     await store.open()
     out = sys.stdout
 
@@ -35,4 +38,4 @@ async def main(path: Path, account_id: AccountId, mailbox_id: MailboxId) -> None
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), AccountId(int(sys.argv[2])), MailboxId(int(sys.argv[3]))))
+    asyncio.run(main(Path(sys.argv[1]), AccountId(int(sys.argv[2])), MailboxId(int(sys.argv[3])), sys.argv[4:6]))

@@ -1,150 +1,35 @@
-"""Shared helpers for the store contract suite (imported by the test modules of this folder).
+"""Shared helpers for the store suite (imported by the test modules of this folder).
 
-The suite is parametrized by backend: "sqlite" (embedded) and "postgres" (issue 9). PostgreSQL runs at
-127.0.0.1:5432 (trust auth, user postgres) on developers' machines and in CI; set POSTFACH_TEST_PG to
-another server DSN. Each test run creates one uniquely named database there (on first use) and
-drops it when the run ends; each store a test opens lives in its own schema named after the store's
-path, so every test starts empty and reopening the same path finds the same data. When the server
-is unreachable the postgres params FAIL when $CI is set and are skipped, loudly, otherwise.
+The backend is the run's (tests/backends.py: ``pytest --store=postgres``, default sqlite); the
+PostgreSQL database and schema machinery lives there and is re-exported here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import hashlib
 import os
-import sys
-import threading
-import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from tests import backends
+from tests.backends import PG_SERVER_DSN, pg_dsn, pg_schema_for, run_sync
 
 from postfach.store.base import Store
-from postfach.store.sqlite import SqliteStore
 from postfach.types import AccountId, MailboxId
 
-BACKENDS = ["sqlite", "postgres"]
-
-PG_SERVER_DSN = os.environ.get("POSTFACH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-T = TypeVar("T")
+__all__ = ["PG_SERVER_DSN", "pg_dsn", "pg_schema_for", "run_sync"]
 
 
 def backend_params() -> list[object]:
-    return [pytest.param(name, id=name) for name in BACKENDS]
+    """The run's backend as the one parameter (each pass of ``make test`` covers one backend)."""
+    name = backends.backend()
+    return [pytest.param(name, id=name)]
 
 
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to its end from sync code, even inside a running event loop (own thread)."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = asyncio.run(coro)
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=target, name="pg-test-setup")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]  # type: ignore[no-any-return]
-
-
-def _dsn_for(dbname: str) -> str:
-    base, _, _ = PG_SERVER_DSN.rpartition("/")
-    return f"{base}/{dbname}"
-
-
-class _TestDatabase:
-    """One database per test run, made on first use, dropped at exit."""
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.error: str | None = None
-        self._lock = threading.Lock()
-
-    def dsn(self) -> str:
-        with self._lock:
-            if self.name is None and self.error is None:
-                self._create()
-        if self.error is not None:
-            msg = f"PostgreSQL at {PG_SERVER_DSN} is unreachable: {self.error}"
-            if os.environ.get("CI"):
-                pytest.fail(f"{msg} (CI is set: the postgres backend must run)", pytrace=False)
-            print(f"\n*** SKIPPING THE POSTGRES BACKEND: {msg} ***", file=sys.__stderr__)
-            pytest.skip(f"NOT TESTED ON POSTGRES: {msg}")
-        assert self.name is not None
-        return _dsn_for(self.name)
-
-    def _create(self) -> None:
-        import asyncpg
-
-        name = f"postfach_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-
-        async def create() -> None:
-            conn = await asyncpg.connect(PG_SERVER_DSN, timeout=5)
-            try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await conn.close()
-
-        try:
-            run_sync(create())
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            self.error = f"{exc.__class__.__name__}: {exc}"
-            return
-        self.name = name
-        atexit.register(self.drop)
-
-    def drop(self) -> None:
-        import asyncpg
-
-        name = self.name
-        if name is None:
-            return
-        self.name = None
-
-        async def drop() -> None:
-            conn = await asyncpg.connect(PG_SERVER_DSN, timeout=5)
-            try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await conn.close()
-
-        try:
-            run_sync(drop())
-        except Exception as exc:  # the run is over; say so, do not fail it
-            print(f"could not drop test database {name}: {exc}", file=sys.__stderr__)
-
-
-TEST_DB = _TestDatabase()
-
-
-def pg_dsn() -> str:
-    """The DSN of this run's test database (created on first use; fails/skips when unreachable)."""
-    return TEST_DB.dsn()
-
-
-def pg_schema_for(path: Path) -> str:
-    return "s_" + hashlib.sha1(str(Path(path).resolve()).encode(), usedforsecurity=False).hexdigest()[:20]
-
-
-def new_store(backend: str, path: Path, **kw: int) -> Store:
-    if backend == "sqlite":
-        return SqliteStore(path, **kw)  # type: ignore[arg-type]
-    if backend == "postgres":
-        from postfach.store.postgres import PostgresStore
-
-        kw.pop("group_commit_max", None)  # the database commits each write itself
-        return PostgresStore(pg_dsn(), schema=pg_schema_for(path), **kw)  # type: ignore[arg-type]
-    raise AssertionError(f"unknown backend {backend}")
+def new_store(backend: str, path: Path, **kw: Any) -> Store:
+    return backends.new_store(path, backend_name=backend, **kw)
 
 
 @asynccontextmanager

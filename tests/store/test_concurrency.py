@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests import backends
 from tests.store.storehelpers import account_with_inbox, msg
 
 from postfach.errors import QuotaExceeded
@@ -25,7 +26,7 @@ def blob_path(root: Path, blob_id: str) -> Path:
 
 
 async def test_uids_and_modseqs_strictly_grow_under_concurrent_writers(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path, group_commit_max=64)
+    store = backends.new_store(tmp_path, group_commit_max=64)
     await store.open()
     try:
         aid, inbox = await account_with_inbox(store)
@@ -63,6 +64,7 @@ async def test_uids_and_modseqs_strictly_grow_under_concurrent_writers(tmp_path:
         await store.close()
 
 
+@pytest.mark.sqlite_only("the embedded store's group commit (writer thread and its queue)")
 async def test_one_failure_does_not_fail_its_batch(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path)
     await store.open()
@@ -70,7 +72,7 @@ async def test_one_failure_does_not_fail_its_batch(tmp_path: Path) -> None:
         aid, inbox = await account_with_inbox(store)
         full, finbox = await account_with_inbox(store, "full@example.com", quota_messages=0)
         gate = threading.Event()
-        blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(30)))
+        blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(100)))  # outlasts the wait below
         tasks = []
         for i in range(40):  # all forty queue up behind the blocker: one batch
             if i % 4 == 0:
@@ -94,6 +96,7 @@ async def test_one_failure_does_not_fail_its_batch(tmp_path: Path) -> None:
         await store.close()
 
 
+@pytest.mark.sqlite_only("blob files on disk and the refcount column of meta.sqlite3")
 async def test_blob_dedup_and_refcount(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path)
     await store.open()
@@ -137,7 +140,7 @@ async def test_blob_dedup_and_refcount(tmp_path: Path) -> None:
 
 async def test_concurrent_append_delete_same_bytes(tmp_path: Path) -> None:
     """Appends racing deletes of identical bytes never lose a blob (pins) nor leak one."""
-    store = SqliteStore(tmp_path, group_commit_max=8)
+    store = backends.new_store(tmp_path, group_commit_max=8)
     await store.open()
     try:
         aid, inbox = await account_with_inbox(store)
@@ -152,13 +155,13 @@ async def test_concurrent_append_delete_same_bytes(tmp_path: Path) -> None:
         await asyncio.gather(*(churn() for _ in range(8)))
         assert await store.list_messages(aid, inbox) == []
         assert await store.check() == []
-        assert not blob_path(tmp_path, hashlib.sha256(data).hexdigest()).exists()
+        assert not await backends.blob_stored(tmp_path, hashlib.sha256(data).hexdigest())
     finally:
         await store.close()
 
 
 async def test_quota_exact_under_concurrent_appends_copies_expunges(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path, group_commit_max=16)
+    store = backends.new_store(tmp_path, group_commit_max=16)
     await store.open()
     try:
         size = len(msg(0, 1000))
@@ -205,6 +208,7 @@ async def test_quota_exact_under_concurrent_appends_copies_expunges(tmp_path: Pa
         await store.close()
 
 
+@pytest.mark.sqlite_only("the embedded store's group commit (one transaction per batch)")
 async def test_group_commit_batches(tmp_path: Path) -> None:
     """Writes waiting together share one transaction and one commit; each caller gets its own
     result after that commit."""
@@ -221,9 +225,15 @@ async def test_group_commit_batches(tmp_path: Path) -> None:
     try:
         aid, inbox = await account_with_inbox(store)
         batches.clear()
-        gate = threading.Event()
-        # Hold the writer busy until all 100 appends have queued up behind it.
-        blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(30)))
+        gate, running = threading.Event(), threading.Event()
+
+        def hold(tx: Any) -> bool:
+            running.set()
+            return gate.wait(100)  # outlasts the wait below
+
+        # Hold the writer busy (it has taken the blocker alone) until all 100 appends queued up behind it.
+        blocker = asyncio.ensure_future(store._write(hold))
+        assert await asyncio.to_thread(running.wait, 60)
         tasks = [asyncio.create_task(store.append(aid, inbox, msg(i))) for i in range(100)]
         for _ in range(3000):
             if store._wq.qsize() >= 100:
@@ -240,6 +250,7 @@ async def test_group_commit_batches(tmp_path: Path) -> None:
         await store.close()
 
 
+@pytest.mark.sqlite_only("fsync of the embedded store's blob files")
 async def test_per_file_sync_mode(tmp_path: Path) -> None:
     """Without syncfs (other platforms): fsync of file and folder per blob, same guarantees."""
     store = SqliteStore(tmp_path, batch_sync=False)
@@ -261,7 +272,7 @@ async def test_per_file_sync_mode(tmp_path: Path) -> None:
 
 
 async def test_cancelled_callers_leave_a_consistent_store(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
+    store = backends.new_store(tmp_path)
     await store.open()
     try:
         aid, inbox = await account_with_inbox(store)
@@ -274,21 +285,22 @@ async def test_cancelled_callers_leave_a_consistent_store(tmp_path: Path) -> Non
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        # abandoned blob writes finish in their threads; then the store must be consistent
+        # Abandoned writes run to their end (blob files in their threads; a PostgreSQL transaction
+        # may still commit): wait until nothing changes any more, then the store must be consistent.
         for _ in range(200):
             problems = await store.check()
-            if not problems:
+            listed = await store.list_messages(aid, inbox)
+            usage = await store.recount_usage(aid)
+            if not problems and await store.list_messages(aid, inbox) == listed:
                 break
             await asyncio.sleep(0.05)
         assert problems == []
-        assert await store.recount_usage(aid) == (
-            sum(m.size for m in await store.list_messages(aid, inbox)),
-            len(await store.list_messages(aid, inbox)),
-        )
+        assert usage == (sum(m.size for m in listed), len(listed))
     finally:
         await store.close()
 
 
+@pytest.mark.sqlite_only("blob files kept on disk for a backup of the embedded store")
 async def test_blob_gc_paused_keeps_files_for_a_backup(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path)
     await store.open()

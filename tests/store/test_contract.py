@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from tests import backends
 from tests.store.storehelpers import account_with_inbox, backend_params, msg, new_store, opened
 
 from postfach.errors import AlreadyExists, MailboxInUse, NotFound, NotPermitted, QuotaExceeded, StoreError
@@ -39,8 +40,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     assert problems == [], problems  # every test leaves a consistent store
 
 
-def test_sqlite_store_satisfies_protocol(tmp_path: Path) -> None:
-    assert isinstance(new_store("sqlite", tmp_path), Store)
+def test_store_satisfies_protocol(tmp_path: Path) -> None:
+    assert isinstance(new_store(backends.backend(), tmp_path), Store)
 
 
 # ------------------------------------------------------------------------------------ domains
@@ -70,6 +71,21 @@ async def test_domains(store: Store) -> None:
 
 
 # ----------------------------------------------------------------------------------- accounts
+
+
+@pytest.mark.asyncio
+async def test_lookups_by_a_key_with_nul_find_nothing(store: Store) -> None:
+    """A login name or address with a NUL (an IMAP literal, POP3 USER) is no account, no alias,
+    no mailbox: "not found", never a database error (PostgreSQL's text cannot hold NUL)."""
+    await store.add_domain("example.com")
+    a = await store.create_account("alice@example.com", "h")
+    await store.add_alias("sales@example.com", "alice@example.com")
+    assert await store.get_account("alice\x00@example.com") is None
+    assert await store.get_domain("example.com\x00") is None
+    assert await store.aliases_for("sales\x00@example.com") == []
+    assert await store.list_accounts("example.com\x00") == []
+    assert await store.list_aliases("example.com\x00") == []
+    assert await store.get_mailbox(a.id, "IN\x00BOX") is None
 
 
 @pytest.mark.asyncio
@@ -633,13 +649,13 @@ async def test_queue(store: Store) -> None:
 
 @pytest.mark.asyncio
 async def test_queue_survives_restart(tmp_path: Path) -> None:
-    s = new_store("sqlite", tmp_path)
+    s = new_store(backends.backend(), tmp_path)
     await s.open()
     item = await s.queue_add("s@example.com", [QueueRecipient("r@remote.example")], msg(1))
     due = await s.queue_due(datetime.now(UTC))
     assert [i.id for i in due] == [item.id]
     await s.close()
-    s2 = new_store("sqlite", tmp_path)
+    s2 = new_store(backends.backend(), tmp_path)
     await s2.open()
     try:
         due = await s2.queue_due(datetime.now(UTC))  # claims do not survive the process
@@ -653,6 +669,7 @@ async def test_queue_survives_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only("tampers with the embedded store's blob files (PostgreSQL: test_postgres_nodes.py)")
 async def test_check_finds_problems_and_recount(tmp_path: Path) -> None:
     """The embedded store's blob files (PostgreSQL's chunks: test_postgres_nodes.py,
     test_check_finds_tampered_chunks)."""
@@ -685,7 +702,7 @@ async def _check_finds_problems_and_recount(store: Store, tmp_path: Path) -> Non
 
 @pytest.mark.asyncio
 async def test_closed_store_refuses(tmp_path: Path) -> None:
-    s = new_store("sqlite", tmp_path)
+    s = new_store(backends.backend(), tmp_path)
     with pytest.raises(StoreError):
         await s.list_domains()
     await s.open()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests import backends
 from tests.store.storehelpers import account_with_inbox, msg
 
 from postfach.errors import StorageFull
@@ -33,7 +34,7 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
 
 async def _setup(tmp_path: Path) -> tuple[AccountId, MailboxId]:
-    store = SqliteStore(tmp_path)
+    store = backends.new_store(tmp_path)
     await store.open()
     try:
         return await account_with_inbox(store)
@@ -43,9 +44,10 @@ async def _setup(tmp_path: Path) -> tuple[AccountId, MailboxId]:
 
 def _run_and_kill(tmp_path: Path, aid: AccountId, inbox: MailboxId) -> dict[int, str]:
 
+    pg = [backends.pg_dsn(), backends.pg_schema_for(tmp_path)] if backends.is_postgres() else []
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(tmp_path), str(aid), str(inbox)],
+        [sys.executable, str(WORKER), str(tmp_path), str(aid), str(inbox), *pg],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -73,7 +75,7 @@ def _run_and_kill(tmp_path: Path, aid: AccountId, inbox: MailboxId) -> dict[int,
 
 
 async def _verify(tmp_path: Path, aid: AccountId, inbox: MailboxId, acked: dict[int, str]) -> None:
-    store = SqliteStore(tmp_path)
+    store = backends.new_store(tmp_path)
     await store.open()
     try:
         metas: dict[int, MessageMeta] = {int(m.uid): m for m in await store.list_messages(aid, inbox)}
@@ -85,8 +87,9 @@ async def _verify(tmp_path: Path, aid: AccountId, inbox: MailboxId, acked: dict[
         for m in metas.values():
             assert hashlib.sha256(await store.read_blob(m.blob_id)).hexdigest() == m.blob_id
         assert await store.check() == []
-        assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
-        assert list((tmp_path / "blobs").rglob(".*.tmp")) == []  # temp files of the killed writer went
+        if not backends.is_postgres():
+            assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+            assert list((tmp_path / "blobs").rglob(".*.tmp")) == []  # temp files of the killed writer went
         # and the store goes on: UIDs continue above everything ever assigned
         r = await store.append(aid, inbox, msg(1))
         assert r.uid > max(metas)
@@ -95,6 +98,7 @@ async def _verify(tmp_path: Path, aid: AccountId, inbox: MailboxId, acked: dict[
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only("ENOSPC while writing the embedded store's blob files")
 async def test_enospc_while_writing_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SqliteStore(tmp_path)
     await store.open()
@@ -122,6 +126,7 @@ async def test_enospc_while_writing_blob(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only("EIO while writing the embedded store's blob files")
 async def test_eio_is_temporary_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SqliteStore(tmp_path)
     await store.open()
@@ -141,6 +146,7 @@ async def test_eio_is_temporary_too(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only("orphaned blob files of the embedded store")
 async def test_unclean_shutdown_orphans_removed_on_open(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path)
     await store.open()
@@ -169,6 +175,7 @@ async def test_unclean_shutdown_orphans_removed_on_open(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only("two processes opening one meta.sqlite3")
 async def test_second_opener_shares_the_store(tmp_path: Path) -> None:
     """A second opener (the CLI beside a running server) neither recovers nor cleans temp files."""
     a = SqliteStore(tmp_path)
@@ -192,6 +199,7 @@ async def test_second_opener_shares_the_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only("the embedded store's syncfs barrier")
 async def test_failed_barrier_refuses_and_cleans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SqliteStore(tmp_path)
     await store.open()

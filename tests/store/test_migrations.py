@@ -23,12 +23,14 @@ def versions(path: Path) -> list[int]:
         return [int(r[0]) for r in c.execute("SELECT version FROM schema_version ORDER BY version")]
 
 
+@pytest.mark.sqlite_only("the embedded store's migration files (PostgreSQL's: test_postgres_nodes.py)")
 def test_migration_files_are_numbered_without_gaps() -> None:
     migs = load_migrations()
     assert [m.version for m in migs] == list(range(1, len(migs) + 1))
     assert len(migs) >= 2
 
 
+@pytest.mark.sqlite_only("the embedded store's migration files (PostgreSQL's: test_postgres_nodes.py)")
 def test_gap_in_migration_files_refused(tmp_path: Path) -> None:
     (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (x);")
     (tmp_path / "0003_c.sql").write_text("CREATE TABLE c (x);")
@@ -36,6 +38,7 @@ def test_gap_in_migration_files_refused(tmp_path: Path) -> None:
         load_migrations(tmp_path)
 
 
+@pytest.mark.sqlite_only("the embedded store's migration files (PostgreSQL's: test_postgres_nodes.py)")
 @pytest.mark.asyncio
 async def test_upgrade_v1_database_keeps_data(tmp_path: Path) -> None:
     all_migs = load_migrations()
@@ -63,6 +66,7 @@ async def test_upgrade_v1_database_keeps_data(tmp_path: Path) -> None:
         await cur.close()
 
 
+@pytest.mark.sqlite_only("the embedded store's migration files (PostgreSQL's: test_postgres_nodes.py)")
 @pytest.mark.asyncio
 async def test_newer_schema_refused(tmp_path: Path) -> None:
     s = SqliteStore(tmp_path)
@@ -76,6 +80,7 @@ async def test_newer_schema_refused(tmp_path: Path) -> None:
     assert versions(tmp_path)[-1] == 99  # nothing touched
 
 
+@pytest.mark.sqlite_only("the embedded store's migration files (PostgreSQL's: test_postgres_nodes.py)")
 @pytest.mark.asyncio
 async def test_failing_migration_rolls_back(tmp_path: Path) -> None:
     migs = load_migrations()
@@ -96,4 +101,7 @@ def test_open_store_from_config(tmp_path: Path) -> None:
     s = open_store(cfg)
     assert isinstance(s, SqliteStore) and s.path == tmp_path / "st" and s.group_commit_max == 7
     pg = open_store(Config(store=StoreConfig(backend="postgres", dsn="postgresql://x"), data_dir=tmp_path))
-    assert isinstance(pg, PostgresStore)
+    assert isinstance(pg, PostgresStore) and pg.schema is None
+    named = StoreConfig(backend="postgres", dsn="postgresql://x", schema="mail")
+    pg = open_store(Config(store=named, data_dir=tmp_path))
+    assert isinstance(pg, PostgresStore) and pg.schema == "mail"

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from tests import backends
 from tests.store.storehelpers import account_with_inbox, msg
 
 from postfach.errors import QuotaExceeded
 from postfach.store.base import FlagOp
-from postfach.store.sqlite import SqliteStore
 from postfach.types import AccountId, MailboxId, ModSeq, Uid
 
 T = TypeVar("T")
@@ -40,7 +40,7 @@ class StoreModel(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.dir = Path(tempfile.mkdtemp(prefix="postfach-model-"))
-        self.store = SqliteStore(self.dir, group_commit_max=8)
+        self.store = backends.new_store(self.dir, group_commit_max=8)
         self.run(self.store.open())
         aid, inbox = self.run(account_with_inbox(self.store, quota_messages=QUOTA_MESSAGES))
         self.aid: AccountId = aid

@@ -21,7 +21,10 @@ from postfach.store.postgres import CHUNK_BYTES, PostgresStore
 from postfach.store.sqlite import SqliteStore
 from postfach.types import Uid
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.postgres_only("copies between both backends; needs the PostgreSQL server either way"),
+]
 
 
 @pytest.fixture
@@ -243,3 +246,41 @@ def test_cli_store_migrate(tmp_path: Path, fresh_db: str, capsys: pytest.Capture
     assert main(["domain", "list", "--data", str(d2)]) == 0
     assert "example.org" in capsys.readouterr().out
     assert Uid(1) == 1
+
+
+def test_cli_store_migrate_into_and_out_of_a_schema(
+    tmp_path: Path, fresh_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "data"
+    assert main(["init", "--data", str(d), "--dev", "--hostname", "mail.example.org"]) == 0
+    assert main(["domain", "add", "schema.example", "--data", str(d)]) == 0
+    capsys.readouterr()
+    assert main(["store", "migrate", "--to", fresh_db, "--schema", "mail", "--data", str(d)]) == 0
+    assert 'schema = "mail"' in capsys.readouterr().out
+
+    async def domains(schema: str | None) -> list[str]:
+        s = PostgresStore(fresh_db, schema=schema)
+        await s.open()
+        try:
+            return [x.name for x in await s.list_domains()]
+        finally:
+            await s.close()
+
+    assert asyncio.run(domains("mail")) == ["schema.example"]
+    assert asyncio.run(domains(None)) == []  # the default schema stays empty
+    assert main(["store", "migrate", "--to", fresh_db, "--schema", "Bad-Name", "--data", str(d)]) == 2
+    capsys.readouterr()
+    # a node configured for that schema is the source by default; back into a folder
+    node = tmp_path / "node"
+    assert main(["init", "--data", str(node), "--dev", "--store", fresh_db, "--schema", "mail"]) == 0
+    assert main(["store", "migrate", "--to", str(tmp_path / "back"), "--data", str(node)]) == 0
+
+    async def back() -> list[str]:
+        s = SqliteStore(tmp_path / "back")
+        await s.open()
+        try:
+            return [x.name for x in await s.list_domains()]
+        finally:
+            await s.close()
+
+    assert asyncio.run(back()) == ["schema.example"]

@@ -31,7 +31,11 @@ from postfach.store.base import (
 from postfach.store.postgres import CHUNK_BYTES, PgMigration, PostgresStore, load_migrations
 from postfach.types import BlobId, Uid
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.asyncio,
+    pytest.mark.postgres_only("nodes, LISTEN/NOTIFY, advisory locks and chunked blobs of the PostgreSQL store"),
+]
 
 
 @pytest_asyncio.fixture

@@ -9,11 +9,11 @@ import asyncio
 import hashlib
 import os
 import shutil
-import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
+from tests import backends
 from tests.store.storehelpers import account_with_inbox, msg
 
 from postfach.errors import NotFound, QuotaExceeded
@@ -27,9 +27,14 @@ pytestmark = pytest.mark.timeout(60)
 
 async def _hold_writer(store: SqliteStore) -> tuple[threading.Event, asyncio.Future[object]]:
     """Keep the writer busy so that what follows queues up into one batch."""
-    gate = threading.Event()
-    blocker = asyncio.ensure_future(store._write(lambda tx: gate.wait(30)))
-    await asyncio.sleep(0.05)
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(tx: object) -> bool:
+        running.set()
+        return gate.wait(50)
+
+    blocker = asyncio.ensure_future(store._write(hold))
+    assert await asyncio.to_thread(running.wait, 30)  # the writer has taken the blocker, alone
     return gate, blocker
 
 
@@ -42,6 +47,7 @@ async def _wait_queued(store: SqliteStore, n: int) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only("merging of queued appends by the embedded store's writer thread")
 async def test_merged_appends_keep_per_request_semantics(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path)
     await store.open()
@@ -118,6 +124,7 @@ async def test_merged_appends_keep_per_request_semantics(tmp_path: Path) -> None
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only("merging of queued appends by the embedded store's writer thread")
 async def test_merged_run_with_a_quota_failure_refuses_only_that_request(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path)
     await store.open()
@@ -142,7 +149,7 @@ async def test_merged_run_with_a_quota_failure_refuses_only_that_request(tmp_pat
 
 @pytest.mark.asyncio
 async def test_deliver_resolves_folder_or_inbox(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
+    store = backends.new_store(tmp_path)
     await store.open()
     try:
         aid, inbox = await account_with_inbox(store)
@@ -164,7 +171,7 @@ async def test_deliver_resolves_folder_or_inbox(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_lean_listing_matches_list_messages(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
+    store = backends.new_store(tmp_path)
     await store.open()
     try:
         aid, inbox = await account_with_inbox(store)
@@ -193,7 +200,7 @@ async def test_lean_listing_matches_list_messages(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_point_reads_see_the_callers_own_writes(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
+    store = backends.new_store(tmp_path)
     await store.open()
     try:
         assert await store.get_domain("example.com") is None
@@ -231,7 +238,7 @@ def test_wire_flags() -> None:
 
 @pytest.mark.asyncio
 async def test_open_blob_reports_wire_bits_learned_at_ingest(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
+    store = backends.new_store(tmp_path)
     await store.open()
     try:
         aid, inbox = await account_with_inbox(store)
@@ -244,14 +251,14 @@ async def test_open_blob_reports_wire_bits_learned_at_ingest(tmp_path: Path) -> 
             assert await reader.read(0, len(data)) == data
             await reader.close()
         # rows from before schema version 3 have no bits: readers then scan
-        with sqlite3.connect(tmp_path / "meta.sqlite3") as c:
-            c.execute("UPDATE blob SET wire = NULL")
+        await backends.execute_sql(tmp_path, "UPDATE blob SET wire = NULL")
         reader = await store.open_blob(meta.blob_id)
         assert reader.wire is None and reader.size == len(msg(2, 300_000))
     finally:
         await store.close()
 
 
+@pytest.mark.sqlite_only("the embedded store's blob folders")
 def test_blob_folders_made_again_when_removed_behind_the_store(tmp_path: Path) -> None:
     blobs = FileBlobStore(tmp_path / "blobs", batch_sync=False)
     blobs.prepare(clean_tmp=True)

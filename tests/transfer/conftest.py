@@ -1,4 +1,4 @@
-"""The transfer tests share the backup tests' data-dir fixture (real init, real SQLite store)."""
+"""The transfer tests share the backup tests' data-dir fixture (real init, a real store of the run's backend)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from postfach import transfer
-from postfach.store.sqlite import SqliteStore
 from postfach.types import AccountId, MailboxId
 
 from .conftest import Env, message
@@ -272,7 +271,7 @@ def test_imap_import_from_second_postfach(env: Env, tmp_path: Path, monkeypatch:
         state_file.write_text(json.dumps(data))
 
         async def resume() -> transfer.Report:
-            s = SqliteStore(env.store_dir)
+            s = env.store()
             await s.open()
             try:
                 acct = await s.get_account(COPY)

@@ -26,7 +26,7 @@ def open_store(config: Config) -> Store:
             raise StoreError('[store] backend = "postgres" needs dsn = "postgresql://user@host/dbname"')
         from postfach.store.postgres import PostgresStore
 
-        return PostgresStore(config.store.dsn)
+        return PostgresStore(config.store.dsn, schema=config.store.schema or None)
     raise StoreError(f"unknown store backend {backend!r}")
 
 

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -331,10 +332,10 @@ async def _copy(source: Source, target: Target, report: MigrateReport, progress:
 
 
 @asynccontextmanager
-async def _pg_store(dsn: str) -> AsyncIterator[Any]:
+async def _pg_store(dsn: str, schema: str | None = None) -> AsyncIterator[Any]:
     from postfach.store.postgres import PostgresStore
 
-    store = PostgresStore(dsn, pool_min=0, pool_max=2)
+    store = PostgresStore(dsn, schema=schema or None, pool_min=0, pool_max=2)
     try:
         await store.open()  # creates or migrates the schema
     except PostfachError as exc:
@@ -371,10 +372,16 @@ async def _sqlite_prepare(folder: Path) -> None:
 
 
 async def migrate(
-    source: str, target: str, *, progress: Callable[[str], None] | None = None, while_serving: bool = False
+    source: str,
+    target: str,
+    *,
+    progress: Callable[[str], None] | None = None,
+    while_serving: bool = False,
+    schema: str | None = None,
 ) -> MigrateReport:
     """Copy the store at ``source`` to the empty store at ``target`` (each a PostgreSQL DSN or an
-    embedded store folder). Raises MigrateError.
+    embedded store folder). Raises MigrateError. ``schema``: the PostgreSQL side's tables are in
+    that schema (``[store] schema``), not in the database's default one.
 
     ``while_serving`` (PostgreSQL source only) copies while nodes keep serving: the copy is the
     consistent state of one REPEATABLE READ snapshot, and later writes are not in it — a backup of
@@ -395,7 +402,7 @@ async def migrate(
         await _sqlite_prepare(folder)  # an older embedded store is brought up to date first
         src = SqliteSource(folder)
         try:
-            async with _pg_store(target) as store:
+            async with _pg_store(target, schema) as store:
                 await _pg_refuse_live(store, describe(target))
                 conn = await store._connect()
                 try:
@@ -422,7 +429,7 @@ async def migrate(
                     if c.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]:
                         raise MigrateError(f"{folder}: the target is not empty ({table})")
     await _sqlite_prepare(folder)
-    async with _pg_store(source) as store:
+    async with _pg_store(source, schema) as store:
         if not while_serving:
             await _pg_refuse_live(store, describe(source))
         conn = await store._connect()
@@ -469,6 +476,11 @@ def _configured_location(config: Config) -> str:
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     source = args.source or _configured_location(config)
     target = str(args.to)
+    schema = args.schema
+    if schema is None and not args.source and config.store.backend == "postgres":
+        schema = config.store.schema or None  # the configured store, where it keeps its tables
+    if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise UsageError(f"--schema: {schema!r} is not a plain PostgreSQL name (a-z, 0-9, _; at most 63)")
     if not target:
         raise UsageError("--to needs a postgresql://... DSN or a folder")
     if not is_dsn(target):
@@ -477,7 +489,9 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
         source = str(Path(source).expanduser().resolve())
     print(f"copying {describe(source)} -> {describe(target)}")
     try:
-        report = asyncio.run(migrate(source, target, progress=print, while_serving=args.while_serving))
+        report = asyncio.run(
+            migrate(source, target, progress=print, while_serving=args.while_serving, schema=schema)
+        )
     except MigrateError as exc:
         raise UsageError(str(exc)) from exc
     total = ", ".join(f"{n} {t}" for t, n in report.rows.items() if t in ("account", "mailbox", "message", "queue"))
@@ -488,7 +502,8 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
         return 1
     print("check of the target: OK")
     if is_dsn(target):
-        print(f'now set [store] backend = "postgres" and dsn = "{describe(target)}" in the config')
+        where = f' and schema = "{schema}"' if schema else ""
+        print(f'now set [store] backend = "postgres", dsn = "{describe(target)}"{where} in the config')
     else:
         print(f'now set [store] backend = "sqlite" and path = "{target}" in the config')
     return 0
@@ -505,6 +520,11 @@ def add_parsers(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentP
     )
     s.add_argument("--to", required=True, metavar="DSN|DIR", help="the empty target store")
     s.add_argument("--from", dest="source", metavar="DSN|DIR", help="the source store (default: the configured one)")
+    s.add_argument(
+        "--schema",
+        metavar="NAME",
+        help="the PostgreSQL side's schema (default: [store] schema when the source is the configured store)",
+    )
     s.add_argument(
         "--while-serving",
         action="store_true",

@@ -39,7 +39,7 @@ import logging
 import random
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -149,10 +149,18 @@ def _key(namespace: str) -> int:
     return zlib.crc32(namespace.encode()) & 0x7FFFFFFF
 
 
+def _storable(text: str) -> bool:
+    """Can PostgreSQL hold this text? (Its text type has no NUL character; SQLite's has.) Lookups
+    by a key that cannot be stored find nothing, as on the embedded store, instead of failing."""
+    return "\x00" not in text
+
+
 def _translate(exc: BaseException) -> BaseException:
     """Never let a raw asyncpg/OS error reach a caller."""
     if isinstance(exc, PostfachError):
         return exc
+    if isinstance(exc, asyncpg.exceptions.CharacterNotInRepertoireError):  # 22021: a NUL in text
+        return NotPermitted("names, addresses and flags cannot contain a NUL character")
     if isinstance(exc, asyncpg.exceptions.DiskFullError):
         return StorageFull(f"database: {exc}")
     if isinstance(exc, _UNAVAILABLE):
@@ -250,6 +258,8 @@ class _Tx:
 
     changes: list[Change] = field(default_factory=list)
     notified: list[Change] = field(default_factory=list)  # NOTIFY sent by SQL already; local only
+    in_line: list[int] = field(default_factory=list)  # accounts whose local feed waits for this one
+    state: int = 0  # 0 running, 1 committed, 2 failed (see PostgresStore._tx_done)
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,6 +515,7 @@ class PostgresStore:
         self.backfilled = 0
         self._subs: dict[AccountId, set[_Subscription]] = {}
         self._maildrop_locks: set[AccountId] = set()
+        self._feed_lines: dict[int, deque[_Tx]] = {}  # per account: its writes in lock (= commit) order
         self._open = False
         self._closing = False
         self.schema_version = 0
@@ -818,7 +829,7 @@ class PostgresStore:
         for attempt in range(tries):
             tx = _Tx()
             try:
-                async with self._conn() as conn:
+                async with self._conn() as conn, self._tx_guard(tx):
                     tr = conn.transaction()
                     try:
                         await tr.start()
@@ -859,9 +870,44 @@ class PostgresStore:
                 if t is exc:
                     raise
                 raise t from exc
-            self._dispatch(tx.notified + tx.changes, local=True)
+            self._tx_done(tx, committed=True)
             return result
         raise StoreUnavailable("database busy; try again")
+
+    # The local feed in commit order. Writes to one account commit in the order they got its row
+    # lock (they hold it to their commit), but two commits that return together may resume their
+    # callers in either order: each write therefore gets in line for its accounts right after the
+    # statement that took their locks returned, and its changes go out once every write ahead of
+    # it in a line has committed (published first) or failed (publishes nothing).
+    def _in_line(self, tx: _Tx, account_ids: Iterable[AccountId]) -> None:
+        """Call right after the statement that locked these account rows returned."""
+        for a in sorted({int(x) for x in account_ids} - set(tx.in_line)):
+            tx.in_line.append(a)
+            self._feed_lines.setdefault(a, deque()).append(tx)
+
+    def _tx_done(self, tx: _Tx, *, committed: bool) -> None:
+        if tx.state:
+            return
+        tx.state = 1 if committed else 2
+        if committed:
+            self._dispatch([ch for ch in tx.notified + tx.changes if int(ch.account_id) not in tx.in_line], local=True)
+        for a in tx.in_line:
+            line = self._feed_lines.get(a)
+            while line and line[0].state:
+                head = line.popleft()
+                if head.state == 1:
+                    self._dispatch([ch for ch in head.notified + head.changes if int(ch.account_id) == a], local=True)
+            if line is not None and not line:
+                del self._feed_lines[a]
+
+    @contextlib.asynccontextmanager
+    async def _tx_guard(self, tx: _Tx) -> AsyncIterator[None]:
+        """A write attempt that ends without its commit leaves the lines it was in."""
+        try:
+            yield
+        except BaseException:
+            self._tx_done(tx, committed=False)
+            raise
 
     # ------------------------------------------------------------------ transaction building blocks
     async def _prepare_blobs(self, datas: Sequence[bytes]) -> list[_Blob]:
@@ -950,14 +996,15 @@ class PostgresStore:
             if n is not None and n <= 0:
                 await conn.execute("DELETE FROM blob WHERE id = $1", blob_id)  # chunks cascade
 
-    @staticmethod
-    async def _lock_accounts(conn: Conn, account_ids: Iterable[AccountId]) -> set[AccountId]:
+    async def _lock_accounts(self, conn: Conn, tx: _Tx, account_ids: Iterable[AccountId]) -> set[AccountId]:
         """Every mail write starts here: the account rows, ascending. Returns those that exist."""
         ids = sorted({int(a) for a in account_ids})
         rows = await conn.fetch(
             "SELECT id FROM account WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE", ids
         )
-        return {AccountId(r["id"]) for r in rows}
+        found = {AccountId(r["id"]) for r in rows}
+        self._in_line(tx, found)
+        return found
 
     @staticmethod
     async def _drop_mailbox_rows(conn: Conn, account_id: AccountId, mailbox_ids: Sequence[int]) -> None:
@@ -1036,6 +1083,7 @@ class PostgresStore:
             await self._add_usage(conn, account_id, total, n, check=check_quota)
         elif check_quota:
             await self._check_quota(conn, account_id, total, n)
+        self._in_line(tx, [account_id])  # the usage UPDATE locked the account row (or the caller did)
         mb = await conn.fetchrow(
             "UPDATE mailbox SET uidnext = uidnext + $1, highestmodseq = highestmodseq + 1"
             " WHERE id = $2 AND account_id = $3 RETURNING uidnext, highestmodseq, uidvalidity",
@@ -1105,6 +1153,7 @@ class PostgresStore:
             )
         except asyncpg.exceptions.RaiseError as exc:
             raise _raised(exc) from None
+        self._in_line(tx, [account_id])  # postfach_append locked the account row
         if self.schema_version >= 4:
             await _insert_index(conn, [b for b, _, _ in entries])
         first, modseq = int(row["o_first"]), ModSeq(int(row["o_modseq"]))
@@ -1227,6 +1276,8 @@ class PostgresStore:
         return [_domain(r) for r in await self._fetch('SELECT * FROM domain ORDER BY name COLLATE "C"')]
 
     async def get_domain(self, name: str) -> Domain | None:
+        if not _storable(name):
+            return None
         r = await self._fetchrow("SELECT * FROM domain WHERE name = $1", _norm_domain(name))
         return _domain(r) if r else None
 
@@ -1285,6 +1336,8 @@ class PostgresStore:
         return _account(await self._write(fn))
 
     async def get_account(self, address: str) -> Account | None:
+        if not _storable(address):
+            return None  # a login name with a NUL (IMAP literal, POP3 USER): no such account
         r = await self._fetchrow("SELECT * FROM account WHERE address = $1", _norm_address(address))
         return _account(r) if r else None
 
@@ -1295,6 +1348,8 @@ class PostgresStore:
     async def list_accounts(self, domain: str | None = None) -> list[Account]:
         if domain is None:
             rows = await self._fetch('SELECT * FROM account ORDER BY address COLLATE "C"')
+        elif not _storable(domain):
+            return []
         else:
             rows = await self._fetch(
                 'SELECT * FROM account WHERE domain = $1 ORDER BY address COLLATE "C"', domain.strip().lower()
@@ -1328,7 +1383,7 @@ class PostgresStore:
 
     async def delete_account(self, account_id: AccountId) -> None:
         async def fn(conn: Conn, tx: _Tx) -> None:
-            if not await self._lock_accounts(conn, [account_id]):
+            if not await self._lock_accounts(conn, tx, [account_id]):
                 raise NotFound("no such account")
             counts: Counter[str] = Counter()
             for r in await conn.fetch(
@@ -1375,6 +1430,8 @@ class PostgresStore:
     async def list_aliases(self, domain: str | None = None) -> list[Alias]:
         if domain is None:
             rows = await self._fetch('SELECT source, target FROM alias ORDER BY source COLLATE "C", target COLLATE "C"')
+        elif not _storable(domain):
+            return []
         else:
             rows = await self._fetch(
                 'SELECT source, target FROM alias WHERE domain = $1 ORDER BY source COLLATE "C", target COLLATE "C"',
@@ -1394,6 +1451,8 @@ class PostgresStore:
         await self._write(fn)
 
     async def aliases_for(self, source: str) -> list[Alias]:
+        if not _storable(source):
+            return []
         rows = await self._fetch(
             'SELECT source, target FROM alias WHERE source = $1 ORDER BY target COLLATE "C"', _norm_address(source)
         )
@@ -1409,6 +1468,8 @@ class PostgresStore:
         return [_mailbox(r) for r in rows]
 
     async def get_mailbox(self, account_id: AccountId, name: str) -> Mailbox | None:
+        if not _storable(name):
+            return None
         r = await self._fetchrow(
             f"SELECT {_MAILBOX_COLS} FROM mailbox m WHERE m.account_id = $1 AND m.name = $2",
             account_id,
@@ -1428,7 +1489,7 @@ class PostgresStore:
             raise NotPermitted("empty mailbox name")
 
         async def fn(conn: Conn, tx: _Tx) -> MailboxId:
-            if not await self._lock_accounts(conn, [account_id]):
+            if not await self._lock_accounts(conn, tx, [account_id]):
                 raise NotFound("no such account")
             return await self._create_mailbox_tx(conn, tx, account_id, name, special_use)
 
@@ -1440,7 +1501,7 @@ class PostgresStore:
 
     async def delete_mailbox(self, account_id: AccountId, mailbox_id: MailboxId) -> None:
         async def fn(conn: Conn, tx: _Tx) -> None:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             mb = await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             if mb["name"] == "INBOX":
                 raise NotPermitted("INBOX cannot be deleted")
@@ -1458,7 +1519,7 @@ class PostgresStore:
             raise NotPermitted("empty mailbox name")
 
         async def fn(conn: Conn, tx: _Tx) -> None:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             mb = await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             old = str(mb["name"])
             if new_name == old or await conn.fetchval(
@@ -1649,7 +1710,7 @@ class PostgresStore:
         now = _now()
 
         async def fn(conn: Conn, tx: _Tx) -> list[AppendResult]:
-            existing = await self._lock_accounts(conn, [t.account_id for t in targets])
+            existing = await self._lock_accounts(conn, tx, [t.account_id for t in targets])
             # Resolve every target and check every quota first: nothing is written if any fails.
             plans: list[tuple[DeliveryTarget, MailboxId, _Blob]] = []
             need: dict[AccountId, tuple[int, int]] = {}
@@ -1771,7 +1832,7 @@ class PostgresStore:
         flags = normalize_flags(flags)
 
         async def fn(conn: Conn, tx: _Tx) -> StoreFlagsResult:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             mb = await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             rows = await self._select_uids(conn, mailbox_id, uids, _MESSAGE_COLS)
             modseq = int(mb["highestmodseq"]) + 1
@@ -1814,7 +1875,7 @@ class PostgresStore:
         self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid] | None = None
     ) -> list[Uid]:
         async def fn(conn: Conn, tx: _Tx) -> list[Uid]:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             if uids is None:
                 rows = await conn.fetch(
@@ -1828,7 +1889,7 @@ class PostgresStore:
 
     async def delete_messages(self, account_id: AccountId, mailbox_id: MailboxId, uids: Sequence[Uid]) -> list[Uid]:
         async def fn(conn: Conn, tx: _Tx) -> list[Uid]:
-            await self._lock_accounts(conn, [account_id])
+            await self._lock_accounts(conn, tx, [account_id])
             await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
             rows = await self._select_uids(conn, mailbox_id, uids, "uid, blob_id, size")
             return await self._remove_messages(conn, tx, account_id, mailbox_id, rows)
@@ -1845,7 +1906,7 @@ class PostgresStore:
         dest_id: MailboxId,
         move: bool,
     ) -> CopyResult:
-        await self._lock_accounts(conn, [account_id])
+        await self._lock_accounts(conn, tx, [account_id])
         boxes = {}
         for mid in sorted({int(source_id), int(dest_id)}):  # ascending: a fixed lock order
             boxes[mid] = await self._mailbox_row(conn, account_id, MailboxId(mid), lock=True)
@@ -2251,7 +2312,7 @@ class PostgresStore:
 
         async def fn(conn: Conn, tx: _Tx) -> None:
             # The account row lock serialises metadata writers of the account (the counts below).
-            if not await self._lock_accounts(conn, [account_id]):
+            if not await self._lock_accounts(conn, tx, [account_id]):
                 raise NotFound("no such account")
             if mailbox_id is not None:
                 await self._mailbox_row(conn, account_id, mailbox_id, lock=True)
@@ -2438,7 +2499,7 @@ class PostgresStore:
 
     async def recount_usage(self, account_id: AccountId) -> tuple[int, int]:
         async def fn(conn: Conn, tx: _Tx) -> tuple[int, int]:
-            if not await self._lock_accounts(conn, [account_id]):
+            if not await self._lock_accounts(conn, tx, [account_id]):
                 raise NotFound("no such account")
             r = await conn.fetchrow(
                 "SELECT coalesce(sum(m.size), 0) AS b, count(*) AS n FROM message m"

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from tests import backends
 from tests.conftest import FAST_AUTH
 
 from postfach.auth import Authenticator, AuthOutcome
 from postfach.auth.sasl import Credentials
-from postfach.store.sqlite import SqliteStore
+from postfach.store.base import Store
 
 CFG = replace(
     FAST_AUTH,
@@ -35,9 +36,8 @@ class Clock:
 
 
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, Authenticator, Clock]]:
-    store = SqliteStore(tmp_path / "store")
-    await store.open()
+async def env(tmp_path: Path) -> AsyncIterator[tuple[Store, Authenticator, Clock]]:
+    store = await backends.open_new_store(tmp_path / "store")
     clock = Clock()
     auth = Authenticator(store, CFG, clock=clock)
     await store.add_domain("example.org")
@@ -49,7 +49,7 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, Authenticator,
 
 
 @pytest.mark.asyncio
-async def test_hash_is_argon2id_and_verifies(env: tuple[SqliteStore, Authenticator, Clock]) -> None:
+async def test_hash_is_argon2id_and_verifies(env: tuple[Store, Authenticator, Clock]) -> None:
     store, auth, _ = env
     acct = await store.get_account("user@example.org")
     assert acct is not None and acct.password_hash.startswith("$argon2id$")
@@ -62,7 +62,7 @@ async def test_hash_is_argon2id_and_verifies(env: tuple[SqliteStore, Authenticat
 
 
 @pytest.mark.asyncio
-async def test_failures_slow_down_then_lock_out(env: tuple[SqliteStore, Authenticator, Clock]) -> None:
+async def test_failures_slow_down_then_lock_out(env: tuple[Store, Authenticator, Clock]) -> None:
     _, auth, clock = env
     durations = []
     for _ in range(4):
@@ -85,7 +85,7 @@ async def test_failures_slow_down_then_lock_out(env: tuple[SqliteStore, Authenti
 
 
 @pytest.mark.asyncio
-async def test_authzid_must_match(env: tuple[SqliteStore, Authenticator, Clock]) -> None:
+async def test_authzid_must_match(env: tuple[Store, Authenticator, Clock]) -> None:
     _, auth, _ = env
     same = Credentials("user@example.org", "right password", "user@example.org")
     assert (await auth.authenticate_credentials(same, remote_ip="192.0.2.2", protocol="imap")).ok

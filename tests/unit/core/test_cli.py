@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests import backends
 
 from postfach import cli
 
@@ -18,7 +19,7 @@ PW = "correct horse battery"
 @pytest.fixture
 def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "var"
-    assert cli.main(["init", "--data", str(d), "--dev", "--hostname", "mail.example.org"]) == 0
+    assert cli.main(["init", "--data", str(d), "--dev", "--hostname", "mail.example.org", *backends.init_args(d)]) == 0
     # cheap hashing for tests: patch the config file's auth section
     cfg = d / "postfach.toml"
     text = cfg.read_text().replace(
@@ -38,7 +39,7 @@ def run(data: Path, *argv: str, stdin: str | None = None, monkeypatch: pytest.Mo
 
 def test_init_writes_config_certificate_and_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = tmp_path / "fresh"
-    assert cli.main(["init", "--data", str(d), "--hostname", "mail.example.org"]) == 0
+    assert cli.main(["init", "--data", str(d), "--hostname", "mail.example.org", *backends.init_args(d)]) == 0
     assert (d / "postfach.toml").exists()
     assert (d / "tls" / "cert.pem").exists()
     assert (d / "tls" / "key.pem").stat().st_mode & 0o077 == 0
@@ -52,9 +53,16 @@ def test_init_writes_config_certificate_and_store(tmp_path: Path, capsys: pytest
     assert "initialised" in capsys.readouterr().err
 
 
+def test_init_schema_needs_a_dsn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["init", "--data", str(tmp_path / "d"), "--schema", "mail"]) == 2
+    err = capsys.readouterr().err
+    assert "--schema" in err and "--store" in err and err.count("\n") == 1
+    assert not (tmp_path / "d" / "postfach.toml").exists()
+
+
 def test_data_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POSTFACH_DATA", str(tmp_path / "envdir"))
-    assert cli.main(["init", "--dev"]) == 0
+    assert cli.main(["init", "--dev", *backends.init_args(tmp_path / "envdir")]) == 0
     assert (tmp_path / "envdir" / "postfach.toml").exists()
 
 
@@ -218,6 +226,7 @@ def test_parse_size(text: str, value: int | None) -> None:
     assert cli.parse_size(text) == value
 
 
+@pytest.mark.sqlite_only("`postfach demo` always sets up the embedded store")
 def test_demo_sets_up_a_dev_instance_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = tmp_path / "demo"
     assert cli.main(["demo", "--no-serve", "--data", str(d)]) == 0
@@ -235,7 +244,7 @@ def test_domain_default_quota_applies_to_new_accounts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     d = tmp_path / "q"
-    assert cli.main(["init", "--data", str(d), "--dev"]) == 0
+    assert cli.main(["init", "--data", str(d), "--dev", *backends.init_args(d)]) == 0
     assert cli.main(["domain", "add", "quota.example", "--quota", "100M", "--data", str(d)]) == 0
     assert run(d, "user", "add", "a@quota.example", "--password-stdin", stdin=PW + "\n", monkeypatch=monkeypatch) == 0
     assert run(d, "user", "add", "b@quota.example", "--password-stdin", "--quota", "1G",

@@ -64,6 +64,7 @@ def test_defaults_are_safe() -> None:
         ("[limits]\nimap_idle_timeout_seconds = 60", "imap_idle_timeout_seconds: must be at least 1800"),
         ("[pop3]\ndele_mode = 'shred'", "pop3.dele_mode: 'shred' is not one of expunge, hide"),
         ("[store]\nbackend = 'postgres'", "store.dsn: required"),
+        ("[store]\nbackend = 'postgres'\ndsn = 'postgresql://x/y'\nschema = 'a\"b'", "store.schema: 'a\"b' is not"),
         ("[backup]\ntime_of_day = '25:00'", "backup.time_of_day: '25:00' is not HH:MM"),
         ("this is = = not toml", "/data/postfach.toml: not valid TOML"),
         ("[pop3]\nretr_sets_seen = 1", "pop3.retr_sets_seen: expected true or false"),
