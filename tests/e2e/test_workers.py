@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from bench.load.server import ServerProcess
+from tests import backends
 
 PASSWORD = "workers-pass-1"
 ALICE = "alice@example.org"
@@ -108,7 +109,8 @@ def one_per_worker(server: ServerProcess, make: type[Line] | object, port: int, 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("workers")
-    s = ServerProcess(root / "data", workers=2, limits={"max_connections_per_ip": CAP})
+    s = ServerProcess(root / "data", workers=2, limits={"max_connections_per_ip": CAP},
+                      init_args=backends.init_args(root / "data"))
     s.init()
     # One more IMAP listener behind a (pretend) load balancer: PROXY header, then TLS.
     with open(s.data / "postfach.toml", "a", encoding="utf-8") as f:
@@ -407,7 +409,7 @@ def test_sigterm_drains_and_stops(server: ServerProcess) -> None:
 
 
 def test_workers_failing_at_start_make_serve_exit_nonzero(tmp_path: Path) -> None:
-    s = ServerProcess(tmp_path / "data", workers=2)
+    s = ServerProcess(tmp_path / "data", workers=2, init_args=backends.init_args(tmp_path / "data"))
     s.init()
     (s.data / "tls" / "cert.pem").write_text("not a certificate\n")
     with pytest.raises(RuntimeError, match="exited with 1"):
@@ -489,7 +491,7 @@ def test_postgres_store_with_two_workers_uses_its_own_notifications(tmp_path: Pa
 
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     """No orphans: a worker that loses its supervisor drains and exits."""
-    s = ServerProcess(tmp_path / "data", workers=2)
+    s = ServerProcess(tmp_path / "data", workers=2, init_args=backends.init_args(tmp_path / "data"))
     s.init()
     s.start()
     pids = [p for got in _pids(s).values() for p in got]

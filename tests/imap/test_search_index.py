@@ -117,6 +117,8 @@ async def test_index_answers_like_the_scan(tmp_path: Path) -> None:
         await env.store.close()
 
 
+@pytest.mark.sqlite_only(
+    "makes a pre-schema-4 store by editing meta.sqlite3; the PostgreSQL backfill: tests/store/test_search_index.py")
 @pytest.mark.asyncio
 async def test_unindexed_blobs_are_scanned(tmp_path: Path) -> None:
     peer, env = await login(tmp_path / "u", indexed=False)

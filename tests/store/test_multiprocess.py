@@ -18,7 +18,12 @@ from postfach.store.blobs import FileBlobStore, sha256_hex
 from postfach.store.sqlite import SqliteStore
 from postfach.types import AccountId
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.asyncio,
+    pytest.mark.sqlite_only("several processes on one embedded store (meta.sqlite3, blob files, lock files);"
+                            " PostgreSQL nodes: tests/multinode/"),
+]
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
