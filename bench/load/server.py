@@ -78,8 +78,10 @@ class ServerProcess:
         limits: dict[str, int] | None = None,
         log_dir: Path | None = None,
         workers: int = 1,
+        store_dsn: str | None = None,
     ) -> None:
         self.data = data
+        self.store_dsn = store_dsn  # PostgreSQL (``init --store DSN``) instead of the embedded store
         self.workers = workers  # serve --workers N (a supervisor and N worker processes)
         self.log_dir = log_dir or data.parent
         self.log_level = log_level
@@ -97,7 +99,8 @@ class ServerProcess:
     # --- setting up ---------------------------------------------------------------------------------
     def init(self) -> None:
         """``postfach init --dev`` and the rewrites: ports 0, cheap hashing, limits, log level."""
-        rc, out = postfach(["init", "--dev", "--hostname", "localhost"], data=self.data)
+        store = ["--store", self.store_dsn] if self.store_dsn else []
+        rc, out = postfach(["init", "--dev", "--hostname", "localhost", *store], data=self.data)
         if rc != 0:
             raise RuntimeError(f"postfach init failed ({rc}): {out}")
         cfg = self.data / "postfach.toml"
