@@ -12,7 +12,7 @@ the same harness in the same run.
   time from B's 250 to the ``* n EXISTS`` at A (and the same with the delivery through A);
 * where the CPU goes: each node's CPU (/proc), the PostgreSQL backends of the bench database and
   PostgreSQL's background processes (WAL writer, checkpointer; /proc/<pid>/stat of each), the load
-  generator's own; and a pyinstrument profile of node A during the one-node SMTP load.
+  generator's own; and a pyinstrument profile of node A during the one-node SMTP and IMAP loads.
 
     PYTHONPATH=src .venv/bin/python bench/pg_bench.py [--quick] [--dsn postgresql://postgres@127.0.0.1/postgres]
 
@@ -280,6 +280,13 @@ def measure_imap(nodes: Sequence[ServerProcess], pg: PgProcesses | None, seconds
             **_breakdown(win, r["cpu"], ops)}
 
 
+def warm_up(nodes: Sequence[ServerProcess]) -> None:
+    """A short run of both loads, not measured: a node just started has its first connections to
+    open, asyncpg its statements to prepare, PostgreSQL its buffers to fill."""
+    measure_smtp(nodes, None, 100)
+    measure_imap(nodes, None, 2.0)
+
+
 # ------------------------------------------------------------------------------ notification
 
 
@@ -419,22 +426,24 @@ def _pg_area(frames: list[str]) -> str:
     return _area(frames)
 
 
-def profile_smtp(srv: ServerProcess, pg: PgProcesses, out: Path, total: int) -> dict[str, Any]:
-    """The one-node SMTP load once more, node A under pyinstrument (its event-loop thread)."""
+def profile_node(srv: ServerProcess, pg: PgProcesses, out: Path, load: str, smtp_total: int,
+                 seconds: float) -> dict[str, Any]:
+    """The one-node SMTP or IMAP load once more, node A under pyinstrument (its event-loop thread)."""
     try:
         import pyinstrument  # noqa: F401
     except ImportError:
         return {"error": "pyinstrument is not installed (pip install pyinstrument)"}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    print("  profiling node A during the SMTP load (pyinstrument) ...", file=sys.stderr)
+    print(f"  profiling node A during the {load.upper()} load (pyinstrument) ...", file=sys.stderr)
     srv.start(python_args=["-m", "pyinstrument", "-r", "json", "-o", str(out)])
     try:
-        smtp = measure_smtp([srv], pg, total)
+        warm_up([srv])
+        got = measure_smtp([srv], pg, smtp_total) if load == "smtp" else measure_imap([srv], pg, seconds)
     finally:
         srv.stop(timeout=120)
     summary = summarize_profile(out, area_of=_pg_area)
-    return {**(summary or {"error": "pyinstrument wrote no profile"}), "smtp_under_profiler": smtp}
+    return {**(summary or {"error": "pyinstrument wrote no profile"}), "under_profiler": got}
 
 
 # -------------------------------------------------------------------------------------- main
@@ -454,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=0, help="1-node / 2-node rounds, interleaved (default 1 quick, 3)")
     ap.add_argument("--no-embedded", action="store_true", help="skip the embedded store's figures")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--profile-out", type=Path, default=ROOT / "bench" / "results" / "profile-pg-smtp.json")
+    ap.add_argument("--profile-dir", type=Path, default=ROOT / "bench" / "results",
+                    help="where the pyinstrument sessions go (profile-pg-smtp.json, profile-pg-imap.json)")
     args = ap.parse_args(argv)
     quick = args.quick
     rounds = args.rounds or (1 if quick else 3)
@@ -486,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                        "imap1", "imap2")}
             a.start()
             try:
+                warm_up([a])
                 for r in range(rounds):
                     print(f"  round {r + 1}/{rounds}: PostgreSQL, 1 node: SMTP, IMAP ...", file=sys.stderr)
                     runs["smtp1"].append(measure_smtp([a], pg, smtp_total))
@@ -493,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs["imap1"].append(measure_imap([a], pg, seconds))
                     b.start()
                     try:
+                        warm_up([a, b])
                         print(f"  round {r + 1}/{rounds}: PostgreSQL, 2 nodes: SMTP, IMAP ...", file=sys.stderr)
                         runs["smtp2"].append(measure_smtp([a, b], pg, smtp_total))
                         runs["spread2"].append(measure_smtp([a, b], pg, smtp_total, rcpts=SPREAD_USERS))
@@ -530,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                               "all_runs": {k: [x.get("msgs_per_s", x.get("ops_per_s")) for x in v]
                                            for k, v in runs.items()}})
             if not args.no_profile:
-                breakdown["profile_smtp_1node"] = profile_smtp(a, pg, args.profile_out, smtp_total)
+                for load in ("smtp", "imap"):
+                    breakdown[f"profile_{load}_1node"] = profile_node(
+                        a, pg, args.profile_dir / f"profile-pg-{load}.json", load, smtp_total, seconds)
         finally:
             asyncio.run(_admin(args.dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
         if not args.no_embedded:
@@ -541,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(provision(e))
             e.start()
             try:
+                warm_up([e])
                 print("  embedded store, 1 process: SMTP, IMAP ...", file=sys.stderr)
                 esmtp = [measure_smtp([e], None, smtp_total) for _ in range(rounds)]
                 espread = [measure_smtp([e], None, smtp_total, rcpts=SPREAD_USERS) for _ in range(rounds)]

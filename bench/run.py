@@ -498,16 +498,17 @@ def pg_notes(figures: dict[str, Any]) -> list[str]:
             out.append(f"- **Notification latency, {what}:** p50 {n['p50_ms']:.1f} ms, p99 {n['p99_ms']:.1f} ms, "
                        f"max {n['max_ms']:.1f} ms over {n['samples']} deliveries (from the 250 to the "
                        f"`* n EXISTS`; {n.get('exists_before_ack', 0)} arrived before the 250 and count as 0).")
-    prof = pg.get("profile_smtp_1node")
-    if isinstance(prof, dict) and prof.get("areas"):
-        under = prof.get("smtp_under_profiler", {})
-        out += ["", "#### Profile of node A during the one-node SMTP load (pyinstrument, event-loop thread)", "",
-                f"{under.get('msgs_per_s', '?')} msgs/s under the profiler. Share of sampled time:", ""]
-        out += [f"- {a}: {v:.1f} %" for a, v in prof["areas"][:8]]
-        out += ["", "Functions with the most self time:", ""]
-        out += [f"- `{f}`: {v:.1f} %" for f, v in prof.get("self", [])[:10]]
-    elif isinstance(prof, dict) and prof.get("error"):
-        out += ["", f"Profile: not taken ({prof['error']})."]
+    for load, label, rate, unit in (("smtp", "SMTP", "msgs_per_s", "msgs/s"), ("imap", "IMAP", "ops_per_s", "ops/s")):
+        prof = pg.get(f"profile_{load}_1node")
+        if isinstance(prof, dict) and prof.get("areas"):
+            under = prof.get("under_profiler", {})
+            out += ["", f"#### Profile of node A during the one-node {label} load (pyinstrument, event-loop thread)",
+                    "", f"{under.get(rate, '?')} {unit} under the profiler. Share of sampled time:", ""]
+            out += [f"- {a}: {v:.1f} %" for a, v in prof["areas"][:8]]
+            out += ["", "Functions with the most self time:", ""]
+            out += [f"- `{f}`: {v:.1f} %" for f, v in prof.get("self", [])[:10]]
+        elif isinstance(prof, dict) and prof.get("error"):
+            out += ["", f"{label} profile: not taken ({prof['error']})."]
     return out
 
 

@@ -83,7 +83,8 @@ PG_FIGURES: dict[str, object] = {
         "imap_1node": _load("ops_per_s", 130.0, 2300, 2000),
         "notify_cross": {"samples": 100, "p50_ms": 5.3, "p99_ms": 24.4, "max_ms": 24.4, "exists_before_ack": 9},
         "profile_smtp_1node": {"areas": [["asyncpg (PostgreSQL client)", 27.6]], "self": [["_do_execute (x.py)", 14.2]],
-                               "smtp_under_profiler": {"msgs_per_s": 27.1}},
+                               "under_profiler": {"msgs_per_s": 27.1}},
+        "profile_imap_1node": {"error": "pyinstrument is not installed"},
     },
 }
 
@@ -102,4 +103,6 @@ def test_report_puts_postgres_beside_embedded_with_gain_cpu_and_notify_target(do
     assert "| SMTP, 10 connections, 1 recipient, PG 1 node | 5,600 (0.50) | 2,700 (0.30) | 40 (0.01) |" in text
     assert "| SMTP, 10 connections, 1 recipient, embedded | 2,500 (0.50) | — | — |" in text
     assert "p99 24.4 ms" in text and "9 arrived before the 250" in text
+    assert "one-node SMTP load" in text and "27.1 msgs/s under the profiler" in text
     assert "asyncpg (PostgreSQL client): 27.6 %" in text
+    assert "IMAP profile: not taken (pyinstrument is not installed)." in text
