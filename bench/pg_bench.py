@@ -280,11 +280,13 @@ def measure_imap(nodes: Sequence[ServerProcess], pg: PgProcesses | None, seconds
             **_breakdown(win, r["cpu"], ops)}
 
 
-def warm_up(nodes: Sequence[ServerProcess]) -> None:
-    """A short run of both loads, not measured: a node just started has its first connections to
+def warm_up(nodes: Sequence[ServerProcess], loads: Sequence[str] = ("smtp", "imap")) -> None:
+    """A short run of the loads, not measured: a node just started has its first connections to
     open, asyncpg its statements to prepare, PostgreSQL its buffers to fill."""
-    measure_smtp(nodes, None, 100)
-    measure_imap(nodes, None, 2.0)
+    if "smtp" in loads:
+        measure_smtp(nodes, None, 100)
+    if "imap" in loads:
+        measure_imap(nodes, None, 2.0)
 
 
 # ------------------------------------------------------------------------------ notification
@@ -438,7 +440,7 @@ def profile_node(srv: ServerProcess, pg: PgProcesses, out: Path, load: str, smtp
     print(f"  profiling node A during the {load.upper()} load (pyinstrument) ...", file=sys.stderr)
     srv.start(python_args=["-m", "pyinstrument", "-r", "json", "-o", str(out)])
     try:
-        warm_up([srv])
+        warm_up([srv], [load])  # the profile covers the node's whole life: only this load
         got = measure_smtp([srv], pg, smtp_total) if load == "smtp" else measure_imap([srv], pg, seconds)
     finally:
         srv.stop(timeout=120)
