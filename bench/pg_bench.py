@@ -457,123 +457,129 @@ def _best(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return ordered[len(ordered) // 2]
 
 
+def run_all(work: Path, args: argparse.Namespace, dns: DnsTestServer, figures: dict[str, Any],
+            breakdown: dict[str, Any]) -> None:
+    """Every measurement, in rounds: the embedded store, PostgreSQL with node A, with A and B (the
+    servers not measured stay idle, so the three set-ups share the machine's state of the moment)."""
+    quick = args.quick
+    rounds = breakdown["rounds"]
+    smtp_total = 1000 if quick else 3000
+    seconds = 4.0 if quick else 15.0
+    samples = 100 if quick else 300
+    database = f"postfach_bench_{os.getpid()}"
+    dsn = f"{args.dsn.rpartition('/')[0]}/{database}"
+    e: ServerProcess | None = None
+    if not args.no_embedded:
+        e = ServerProcess(work / "embedded", log_level="INFO")
+        e.init()
+        use_resolver(e, dns)
+        asyncio.run(provision(e))
+    asyncio.run(_admin(args.dsn, f'CREATE DATABASE "{database}"'))
+    try:
+        a = ServerProcess(work / "a", log_level="INFO", store_dsn=dsn)
+        b = ServerProcess(work / "b", log_level="INFO", store_dsn=dsn)
+        a.init()
+        b.init()  # finds the schema made by A's init
+        use_resolver(a, dns)
+        use_resolver(b, dns)
+        shutil.rmtree(b.data / "tls")
+        shutil.copytree(a.data / "tls", b.data / "tls")  # one certificate: one cafile for the clients
+        print(f"preparing {database} ...", file=sys.stderr)
+        asyncio.run(provision(a))
+        pg = PgProcesses(args.dsn, database)
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("smtp1", "smtp2", "spread1", "spread2", "imap1",
+                                                                   "imap2", "esmtp", "espread", "eimap")}
+        a.start()
+        try:
+            if e is not None:
+                e.start()
+                warm_up([e])
+            warm_up([a])
+            for r in range(rounds):
+                if e is not None:
+                    print(f"  round {r + 1}/{rounds}: embedded store: SMTP, IMAP ...", file=sys.stderr)
+                    runs["esmtp"].append(measure_smtp([e], None, smtp_total))
+                    runs["espread"].append(measure_smtp([e], None, smtp_total, rcpts=SPREAD_USERS))
+                    runs["eimap"].append(measure_imap([e], None, seconds))
+                print(f"  round {r + 1}/{rounds}: PostgreSQL, 1 node: SMTP, IMAP ...", file=sys.stderr)
+                runs["smtp1"].append(measure_smtp([a], pg, smtp_total))
+                runs["spread1"].append(measure_smtp([a], pg, smtp_total, rcpts=SPREAD_USERS))
+                runs["imap1"].append(measure_imap([a], pg, seconds))
+                b.start()
+                try:
+                    warm_up([a, b])
+                    print(f"  round {r + 1}/{rounds}: PostgreSQL, 2 nodes: SMTP, IMAP ...", file=sys.stderr)
+                    runs["smtp2"].append(measure_smtp([a, b], pg, smtp_total))
+                    runs["spread2"].append(measure_smtp([a, b], pg, smtp_total, rcpts=SPREAD_USERS))
+                    runs["imap2"].append(measure_imap([a, b], pg, seconds))
+                    if r == rounds - 1:
+                        print(f"  notification latency, {samples} samples ...", file=sys.stderr)
+                        breakdown["notify_cross"] = asyncio.run(notify_latency(a, b, samples))
+                        breakdown["notify_local"] = asyncio.run(notify_latency(a, a, samples))
+                finally:
+                    b.stop()
+        finally:
+            a.stop()
+            if e is not None:
+                e.stop()
+        for tb in a.tracebacks() + b.tracebacks() + (e.tracebacks() if e is not None else []):
+            print(f"    server log: {tb}", file=sys.stderr)
+        if not args.no_profile:
+            for load in ("smtp", "imap"):
+                breakdown[f"profile_{load}_1node"] = profile_node(
+                    a, pg, args.profile_dir / f"profile-pg-{load}.json", load, smtp_total, seconds)
+    finally:
+        asyncio.run(_admin(args.dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    names = {"smtp": ("smtp", "msgs_per_s"), "spread": ("smtp_spread", "msgs_per_s"), "imap": ("imap", "ops_per_s")}
+    for short, (name, rate) in names.items():
+        for run, where in ((short + "1", "1node"), (short + "2", "2node"), ("e" + short, "embedded")):
+            if runs[run]:
+                breakdown[f"{name}_{where}"] = _best(runs[run], rate)
+    breakdown["all_runs"] = {k: [x.get("msgs_per_s", x.get("ops_per_s")) for x in v] for k, v in runs.items() if v}
+    keys = {
+        "pg_smtp_10_1node_msgs_per_s": ("smtp_1node", "msgs_per_s"),
+        "pg_smtp_10_2node_msgs_per_s": ("smtp_2node", "msgs_per_s"),
+        "pg_smtp_10_spread_1node_msgs_per_s": ("smtp_spread_1node", "msgs_per_s"),
+        "pg_smtp_10_spread_2node_msgs_per_s": ("smtp_spread_2node", "msgs_per_s"),
+        "pg_imap_mixed_10_1node_ops_per_s": ("imap_1node", "ops_per_s"),
+        "pg_imap_mixed_10_1node_p99_ms": ("imap_1node", "p99_ms"),
+        "pg_imap_mixed_10_2node_ops_per_s": ("imap_2node", "ops_per_s"),
+        "pg_imap_mixed_10_2node_p99_ms": ("imap_2node", "p99_ms"),
+        "pg_notify_cross_p50_ms": ("notify_cross", "p50_ms"),
+        "pg_notify_cross_p99_ms": ("notify_cross", "p99_ms"),
+        "pg_notify_local_p50_ms": ("notify_local", "p50_ms"),
+        "pg_notify_local_p99_ms": ("notify_local", "p99_ms"),
+        "serve_embedded_smtp_10_msgs_per_s": ("smtp_embedded", "msgs_per_s"),
+        "serve_embedded_smtp_10_spread_msgs_per_s": ("smtp_spread_embedded", "msgs_per_s"),
+        "serve_embedded_imap_mixed_10_ops_per_s": ("imap_embedded", "ops_per_s"),
+        "serve_embedded_imap_mixed_10_p99_ms": ("imap_embedded", "p99_ms"),
+    }
+    for key, (part, fig) in keys.items():
+        if isinstance(breakdown.get(part), dict):
+            figures[key] = breakdown[part][fig]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dsn", default=ADMIN_DSN, help="a database of the PostgreSQL server to connect to for "
                     "CREATE/DROP DATABASE (default %(default)s)")
-    ap.add_argument("--rounds", type=int, default=0, help="1-node / 2-node rounds, interleaved (default 1 quick, 3)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="rounds of embedded / 1-node / 2-node runs, interleaved (default: 1 with --quick, else 3)")
     ap.add_argument("--no-embedded", action="store_true", help="skip the embedded store's figures")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--profile-dir", type=Path, default=ROOT / "bench" / "results",
                     help="where the pyinstrument sessions go (profile-pg-smtp.json, profile-pg-imap.json)")
     args = ap.parse_args(argv)
-    quick = args.quick
-    rounds = args.rounds or (1 if quick else 3)
-    smtp_total = 1000 if quick else 3000
-    seconds = 4.0 if quick else 15.0
-    samples = 100 if quick else 300
-    database = f"postfach_bench_{os.getpid()}"
-    base = args.dsn.rpartition("/")[0]
-    dsn = f"{base}/{database}"
+    rounds = args.rounds or (1 if args.quick else 3)
     figures: dict[str, Any] = {}
-    breakdown: dict[str, Any] = {"rounds": rounds, "quick": quick}
+    breakdown: dict[str, Any] = {"rounds": rounds, "quick": args.quick}
     dns = local_resolver()
-    with tempfile.TemporaryDirectory(prefix="postfach-pgbench-") as tmp:
-        work = Path(tmp)
-        asyncio.run(_admin(args.dsn, f'CREATE DATABASE "{database}"'))
-        try:
-            a = ServerProcess(work / "a", log_level="INFO", store_dsn=dsn)
-            b = ServerProcess(work / "b", log_level="INFO", store_dsn=dsn)
-            a.init()
-            b.init()  # finds the schema made by A's init
-            use_resolver(a, dns)
-            use_resolver(b, dns)
-            shutil.rmtree(b.data / "tls")
-            shutil.copytree(a.data / "tls", b.data / "tls")  # one certificate: one cafile for the clients
-            print(f"preparing {database} ...", file=sys.stderr)
-            asyncio.run(provision(a))
-            pg = PgProcesses(args.dsn, database)
-            runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("smtp1", "smtp2", "spread1", "spread2",
-                                                                       "imap1", "imap2")}
-            a.start()
-            try:
-                warm_up([a])
-                for r in range(rounds):
-                    print(f"  round {r + 1}/{rounds}: PostgreSQL, 1 node: SMTP, IMAP ...", file=sys.stderr)
-                    runs["smtp1"].append(measure_smtp([a], pg, smtp_total))
-                    runs["spread1"].append(measure_smtp([a], pg, smtp_total, rcpts=SPREAD_USERS))
-                    runs["imap1"].append(measure_imap([a], pg, seconds))
-                    b.start()
-                    try:
-                        warm_up([a, b])
-                        print(f"  round {r + 1}/{rounds}: PostgreSQL, 2 nodes: SMTP, IMAP ...", file=sys.stderr)
-                        runs["smtp2"].append(measure_smtp([a, b], pg, smtp_total))
-                        runs["spread2"].append(measure_smtp([a, b], pg, smtp_total, rcpts=SPREAD_USERS))
-                        runs["imap2"].append(measure_imap([a, b], pg, seconds))
-                        if r == rounds - 1:
-                            print(f"  notification latency, {samples} samples ...", file=sys.stderr)
-                            cross = asyncio.run(notify_latency(a, b, samples))
-                            local = asyncio.run(notify_latency(a, a, samples))
-                    finally:
-                        b.stop()
-            finally:
-                a.stop()
-            for tb in a.tracebacks() + b.tracebacks():
-                print(f"    server log: {tb}", file=sys.stderr)
-            smtp1, smtp2 = _best(runs["smtp1"], "msgs_per_s"), _best(runs["smtp2"], "msgs_per_s")
-            spread1, spread2 = _best(runs["spread1"], "msgs_per_s"), _best(runs["spread2"], "msgs_per_s")
-            imap1, imap2 = _best(runs["imap1"], "ops_per_s"), _best(runs["imap2"], "ops_per_s")
-            figures.update({
-                "pg_smtp_10_1node_msgs_per_s": smtp1["msgs_per_s"],
-                "pg_smtp_10_2node_msgs_per_s": smtp2["msgs_per_s"],
-                "pg_smtp_10_spread_1node_msgs_per_s": spread1["msgs_per_s"],
-                "pg_smtp_10_spread_2node_msgs_per_s": spread2["msgs_per_s"],
-                "pg_imap_mixed_10_1node_ops_per_s": imap1["ops_per_s"],
-                "pg_imap_mixed_10_1node_p99_ms": imap1["p99_ms"],
-                "pg_imap_mixed_10_2node_ops_per_s": imap2["ops_per_s"],
-                "pg_imap_mixed_10_2node_p99_ms": imap2["p99_ms"],
-                "pg_notify_cross_p50_ms": cross["p50_ms"],
-                "pg_notify_cross_p99_ms": cross["p99_ms"],
-                "pg_notify_local_p50_ms": local["p50_ms"],
-                "pg_notify_local_p99_ms": local["p99_ms"],
-            })
-            breakdown.update({"smtp_1node": smtp1, "smtp_2node": smtp2, "smtp_spread_1node": spread1,
-                              "smtp_spread_2node": spread2, "imap_1node": imap1, "imap_2node": imap2,
-                              "notify_cross": cross, "notify_local": local,
-                              "all_runs": {k: [x.get("msgs_per_s", x.get("ops_per_s")) for x in v]
-                                           for k, v in runs.items()}})
-            if not args.no_profile:
-                for load in ("smtp", "imap"):
-                    breakdown[f"profile_{load}_1node"] = profile_node(
-                        a, pg, args.profile_dir / f"profile-pg-{load}.json", load, smtp_total, seconds)
-        finally:
-            asyncio.run(_admin(args.dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        if not args.no_embedded:
-            # The same harness on the embedded store (SQLite + fsynced blobs), one process.
-            e = ServerProcess(work / "embedded", log_level="INFO")
-            e.init()
-            use_resolver(e, dns)
-            asyncio.run(provision(e))
-            e.start()
-            try:
-                warm_up([e])
-                print("  embedded store, 1 process: SMTP, IMAP ...", file=sys.stderr)
-                esmtp = [measure_smtp([e], None, smtp_total) for _ in range(rounds)]
-                espread = [measure_smtp([e], None, smtp_total, rcpts=SPREAD_USERS) for _ in range(rounds)]
-                eimap = [measure_imap([e], None, seconds) for _ in range(rounds)]
-            finally:
-                e.stop()
-            es, ei = _best(esmtp, "msgs_per_s"), _best(eimap, "ops_per_s")
-            esp = _best(espread, "msgs_per_s")
-            figures.update({
-                "serve_embedded_smtp_10_msgs_per_s": es["msgs_per_s"],
-                "serve_embedded_smtp_10_spread_msgs_per_s": esp["msgs_per_s"],
-                "serve_embedded_imap_mixed_10_ops_per_s": ei["ops_per_s"],
-                "serve_embedded_imap_mixed_10_p99_ms": ei["p99_ms"],
-            })
-            breakdown.update({"smtp_embedded": es, "smtp_spread_embedded": esp, "imap_embedded": ei})
-    dns.stop()
+    try:
+        with tempfile.TemporaryDirectory(prefix="postfach-pgbench-") as tmp:
+            run_all(Path(tmp), args, dns, figures, breakdown)
+    finally:
+        dns.stop()
     breakdown["loadavg_1min"] = round(os.getloadavg()[0], 2)
     figures["pg_breakdown"] = breakdown
     print(json.dumps(figures))
