@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 
+#: The three set-ups pg_bench.py measures with the same load, in this order.
+PG_WHERE = ("embedded store, `postfach serve`", "PostgreSQL, 1 node", "PostgreSQL, 2 nodes")
+
 # script -> the figures it reports: key -> (what, unit, target, "min"|"max" meaning target is a floor/ceiling)
 SCRIPTS: dict[str, dict[str, tuple[str, str, float | None, str]]] = {
     "ingest.py": {
@@ -63,6 +66,27 @@ SCRIPTS: dict[str, dict[str, tuple[str, str, float | None, str]]] = {
             1000,
             "min",
         ),
+    },
+    "pg_bench.py": {
+        **{
+            f"{key}_msgs_per_s": (f"SMTP local delivery, 10 connections, 4 KiB, durable{rcpt}, {where}", "msgs/s", None,
+                                  "min")
+            for rcpt, keys in (("", ("serve_embedded_smtp_10", "pg_smtp_10_1node", "pg_smtp_10_2node")),
+                               (", 10 recipients", ("serve_embedded_smtp_10_spread", "pg_smtp_10_spread_1node",
+                                                    "pg_smtp_10_spread_2node")))
+            for key, where in zip(keys, PG_WHERE, strict=True)
+        },
+        **{
+            f"{key}_{fig}": (f"IMAP mixed load, 10 clients over TLS{what}, {where}", unit, None, sense)
+            for fig, what, unit, sense in (("ops_per_s", "", "ops/s", "min"), ("p99_ms", ", p99 latency", "ms", "max"))
+            for key, where in zip(("serve_embedded_imap_mixed_10", "pg_imap_mixed_10_1node", "pg_imap_mixed_10_2node"),
+                                  PG_WHERE, strict=True)
+        },
+        "pg_notify_cross_p50_ms": ("Cross-node notification, IDLE on node A, delivery through B, p50", "ms", None,
+                                   "max"),
+        "pg_notify_cross_p99_ms": ("Cross-node notification, IDLE on node A, delivery through B, p99", "ms", 200,
+                                   "max"),
+        "pg_notify_local_p99_ms": ("Same-node notification (delivery through A), PostgreSQL, p99", "ms", None, "max"),
     },
     "queue_bench.py": {
         "queue_outbound_msgs_per_s": ("Outbound queue to a loopback sink", "msgs/s", 300, "min"),
@@ -418,6 +442,7 @@ def write_notes(figures: dict[str, Any]) -> None:
         lines.append("- **Mailbox size:** " + "; ".join(
             f"{n // 1000}k messages: SELECT {sel:,.1f} ms, SEARCH SUBJECT {sea:,.1f} ms"
             for n, sel, sea in sizes if sel is not None and sea is not None) + ".")
+    lines += pg_notes(figures)
     prof = figures.get("profile_imap_50")
     if isinstance(prof, dict) and prof.get("areas"):
         lines += ["", "### Profile of the 50-client IMAP load (pyinstrument, event-loop thread, generated)", "",
@@ -429,6 +454,69 @@ def write_notes(figures: dict[str, Any]) -> None:
         lines += ["", f"Profile: not taken ({prof['error']})."]
     NOTES.parent.mkdir(parents=True, exist_ok=True)
     NOTES.write_text((head + "\n\n" if head else "") + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def pg_notes(figures: dict[str, Any]) -> list[str]:
+    """The generated notes of bench/pg_bench.py: the three set-ups side by side, the gain of a
+    second node, where the CPU goes (per delivery / per IMAP command), the notification latency,
+    the profile of node A during the SMTP load."""
+    pg = figures.get("pg_breakdown")
+    if not isinstance(pg, dict):
+        return []
+    out = ["", "### PostgreSQL store: one node, two nodes (generated from `bench/pg_bench.py`)", "",
+           f"{pg.get('rounds', 1)} round(s) of each load, the median shown; load average at the end "
+           f"{pg.get('loadavg_1min', '?')}.", "",
+           "| load | embedded, `serve` | PostgreSQL, 1 node | PostgreSQL, 2 nodes | 2 nodes / 1 node |",
+           "|---|---|---|---|---|"]
+    loads = (("SMTP, 10 connections, 1 recipient (msgs/s)", "smtp", "msgs_per_s"),
+             ("SMTP, 10 connections, 10 recipients (msgs/s)", "smtp_spread", "msgs_per_s"),
+             ("IMAP mixed, 10 clients (ops/s)", "imap", "ops_per_s"))
+    for label, key, fig in loads:
+        emb, one, two = (pg.get(f"{key}_{w}") for w in ("embedded", "1node", "2node"))
+        vals = [_num(x.get(fig)) if isinstance(x, dict) else None for x in (emb, one, two)]
+        cells = [f"{v:,.0f}" if v is not None else "—" for v in vals]
+        gain = f"{vals[2] / vals[1]:.2f}×" if vals[1] and vals[2] is not None else "—"
+        out.append(f"| {label} | {' | '.join(cells)} | {gain} |")
+    out += ["", "Where the CPU goes, per delivery or IMAP command (µs of CPU; cores busy during the load in "
+            "brackets; `/proc/<pid>/stat` of the nodes, of the PostgreSQL backends of the bench database and of "
+            "PostgreSQL's background processes, `getrusage` of the load generator):", "",
+            "| load | nodes | PG backends | PG background | load generator | all (cores) | commits | WAL flushes |",
+            "|---|---|---|---|---|---|---|---|"]
+    for label, key, _ in loads:
+        for w in ("embedded", "1node", "2node"):
+            x = pg.get(f"{key}_{w}")
+            if not isinstance(x, dict):
+                continue
+            us, busy = x.get("cpu_us_per_unit", {}), x.get("cores_busy", {})
+
+            def cell(part: str, us: dict[str, Any] = us, busy: dict[str, Any] = busy) -> str:
+                return f"{us[part]:,} ({busy.get(part, 0):.2f})" if part in us else "—"
+
+            where = {"embedded": "embedded", "1node": "PG 1 node", "2node": "PG 2 nodes"}[w]
+            out.append(f"| {label.split(' (')[0]}, {where} | {cell('nodes')} | {cell('pg_backends')} | "
+                       f"{cell('pg_background')} | {cell('load_generator')} | {busy.get('total', 0):.2f} | "
+                       f"{x.get('commits_per_unit', '—')} | {x.get('wal_syncs_per_unit', '—')} |")
+    out += ["", "(commits: transactions committed in the bench database per unit; WAL flushes: fsyncs of the "
+            "write-ahead log per unit, counted server-wide, so other users of the server add to it.)", ""]
+    for name, what in (("notify_cross", "IDLE on node A, delivery through node B's MX listener"),
+                       ("notify_local", "IDLE on node A, delivery through node A")):
+        n = pg.get(name)
+        if isinstance(n, dict):
+            out.append(f"- **Notification latency, {what}:** p50 {n['p50_ms']:.1f} ms, p99 {n['p99_ms']:.1f} ms, "
+                       f"max {n['max_ms']:.1f} ms over {n['samples']} deliveries (from the 250 to the "
+                       f"`* n EXISTS`; {n.get('exists_before_ack', 0)} arrived before the 250 and count as 0).")
+    for load, label, rate, unit in (("smtp", "SMTP", "msgs_per_s", "msgs/s"), ("imap", "IMAP", "ops_per_s", "ops/s")):
+        prof = pg.get(f"profile_{load}_1node")
+        if isinstance(prof, dict) and prof.get("areas"):
+            under = prof.get("under_profiler", {})
+            out += ["", f"#### Profile of node A during the one-node {label} load (pyinstrument, event-loop thread)",
+                    "", f"{under.get(rate, '?')} {unit} under the profiler. Share of sampled time:", ""]
+            out += [f"- {a}: {v:.1f} %" for a, v in prof["areas"][:8]]
+            out += ["", "Functions with the most self time:", ""]
+            out += [f"- `{f}`: {v:.1f} %" for f, v in prof.get("self", [])[:10]]
+        elif isinstance(prof, dict) and prof.get("error"):
+            out += ["", f"{label} profile: not taken ({prof['error']})."]
+    return out
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,8 @@ async def prepare(srv: ServerProcess, sizes: list[int]) -> None:
 # ---------------------------------------------------------------------------------- profile
 
 
-def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
+def summarize_profile(path: Path, top: int = 12,
+                      area_of: Callable[[list[str]], str] | None = None) -> dict[str, Any]:
     """pyinstrument's JSON session -> where the event loop's time goes: self time by function and
     by area (TLS, SQLite/store, each postfach package, waiting). Only the main thread is sampled:
     the store's writer and blob threads show up as the time the loop waits for them."""
@@ -235,6 +237,7 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
     root = doc.get("root_frame")
     if root is None:
         return {}
+    classify = area_of or _area
     self_time: dict[str, float] = {}
     area: dict[str, float] = {}
 
@@ -250,7 +253,7 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
         here = [*stack, f"{function} {frame.get('file_path') or ''}"]
         if own > 0:
             self_time[name] = self_time.get(name, 0.0) + own
-            key = _area(here)
+            key = classify(here)
             area[key] = area.get(key, 0.0) + own
         for c in children:
             walk(c, here, name)

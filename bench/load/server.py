@@ -79,8 +79,10 @@ class ServerProcess:
         log_dir: Path | None = None,
         workers: int = 1,
         init_args: Sequence[str] = (),
+        store_dsn: str | None = None,
     ) -> None:
         self.data = data
+        self.store_dsn = store_dsn  # PostgreSQL (``init --store DSN``) instead of the embedded store
         self.workers = workers  # serve --workers N (a supervisor and N worker processes)
         self.init_args = list(init_args)  # more `postfach init` arguments (e.g. --store DSN --schema S)
         self.log_dir = log_dir or data.parent
@@ -99,7 +101,8 @@ class ServerProcess:
     # --- setting up ---------------------------------------------------------------------------------
     def init(self) -> None:
         """``postfach init --dev`` and the rewrites: ports 0, cheap hashing, limits, log level."""
-        rc, out = postfach(["init", "--dev", "--hostname", "localhost", *self.init_args], data=self.data)
+        store = ["--store", self.store_dsn] if self.store_dsn else []
+        rc, out = postfach(["init", "--dev", "--hostname", "localhost", *store, *self.init_args], data=self.data)
         if rc != 0:
             raise RuntimeError(f"postfach init failed ({rc}): {out}")
         cfg = self.data / "postfach.toml"
