@@ -166,7 +166,8 @@ class Server:
         """DKIM signing and inbound checks for SMTP; quota warnings, the outbound queue, the
         expunge-history trimming and the daily backup as background services (stopped in reverse order)."""
         ctx.services["dkim_signer"] = DkimSigner(ctx.config)
-        ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config))
+        # Answers kept for their TTL: a busy sender domain is asked about for every message.
+        ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config, cache=True))
         if self._link is not None:
             self._link.attach(ctx)
         if self.worker not in (None, 0):
