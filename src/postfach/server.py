@@ -30,6 +30,7 @@ from postfach.dns import make_resolver
 from postfach.net.tls import TlsManager
 from postfach.queue.scheduler import QueueRunner
 from postfach.quota import QuotaWarner
+from postfach.smtp import srs
 from postfach.smtp.inbound_checks import InboundChecker
 from postfach.store import open_store
 
@@ -150,6 +151,7 @@ class Server:
         """DKIM signing and inbound checks for SMTP; quota warnings, the outbound queue and the
         daily backup as background services (stopped in reverse order)."""
         ctx.services["dkim_signer"] = DkimSigner(ctx.config)
+        ctx.services["srs"] = srs.load(ctx.config)
         ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config))
         services: list[tuple[str, Any]] = [("quota_warner", QuotaWarner(ctx)), ("queue", QueueRunner(ctx))]
         if ctx.config.backup.enabled:
