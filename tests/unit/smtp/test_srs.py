@@ -137,3 +137,13 @@ def test_secret_file_problems_are_config_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.secret").write_text("# only a comment\n\n")
     with pytest.raises(ConfigError, match="no SRS secret"):
         srsmod.load(Config(data_dir=tmp_path, smtp=SmtpConfig(srs_secret_file="empty.secret")))
+
+
+def test_config_keys(tmp_path: Path) -> None:
+    from postfach.config import parse
+
+    cfg = parse('[smtp]\nsrs_domain = "fwd.example.org"\nsrs_max_age_days = 7\n', where="t.toml", data_dir=tmp_path)
+    assert cfg.smtp.srs and cfg.smtp.srs_domain == "fwd.example.org" and cfg.smtp.srs_max_age_days == 7
+    for bad in (0, 1024):
+        with pytest.raises(ConfigError, match="srs_max_age_days"):
+            parse(f"[smtp]\nsrs_max_age_days = {bad}\n", where="t.toml", data_dir=tmp_path)
