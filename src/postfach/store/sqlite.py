@@ -32,12 +32,14 @@ still commits only after its own barrier returned. The batch
 first runs without savepoints; if a request fails it is rolled back and run again with a
 SAVEPOINT per request, so one failure never fails its neighbours.
 
-Checkpoints (WAL -> database file) run in a **checkpointer thread** with its own connection: a
-PASSIVE checkpoint shortly after commits (``checkpoint_interval``), never inside the writer's
-commit path, where SQLite's automatic checkpoint would stall every waiting write for the time
-it takes to copy ~1,000 pages and fsync the database. The writer's automatic checkpoint stays
-as a backstop at ``wal_autocheckpoint_pages``; ``journal_size_limit`` shrinks the WAL file
-back after a spike (a long-running reader that held the checkpoint back).
+Checkpoints (WAL -> database file): a **checkpointer thread** with its own connection runs a
+PASSIVE checkpoint shortly after commits (``checkpoint_interval``), so that the copying happens
+outside the writer's commit path. The writer keeps SQLite's automatic checkpoint (every
+``wal_autocheckpoint_pages``): under a steady stream of commits only the writer itself can
+restart the WAL from its beginning (a restart needs a moment when every frame is copied and
+the writer begins its next transaction; without it the WAL file grew to ~40 MB in the soak),
+and it now finds little left to copy. ``journal_size_limit`` shrinks the WAL file back after a
+spike (a long-running reader that held the checkpoints back).
 
 Files of blobs whose refcount drops to 0 are removed after the commit. A crash between a blob
 file's rename and the commit leaves an unreferenced file; the next open that finds the "dirty"
@@ -444,7 +446,7 @@ class SqliteStore:
         ingest_threads: int | None = None,
         commit_delay: float = 0.002,
         checkpoint_interval: float = 0.25,
-        wal_autocheckpoint_pages: int = 10000,
+        wal_autocheckpoint_pages: int = 1000,
         wal_size_limit: int = 64 * 1024 * 1024,
     ) -> None:
         self.path = Path(path)
@@ -562,9 +564,9 @@ class SqliteStore:
             except BaseException:
                 conn.close()
                 raise
-            # Checkpoints are the checkpointer thread's job; the automatic one in the writer's
-            # commit path only as a backstop. journal_size_limit: the WAL file is cut back to it
-            # when it restarts after a spike.
+            # The checkpointer thread does the copying; the writer's automatic checkpoint
+            # restarts the WAL (see the module docstring). journal_size_limit: the WAL file is
+            # cut back to it when it restarts after a spike.
             conn.execute(f"PRAGMA wal_autocheckpoint = {int(self._wal_autocheckpoint)}")
             conn.execute(f"PRAGMA journal_size_limit = {int(self._wal_size_limit)}")
             self._wconn = conn
