@@ -1199,9 +1199,11 @@ class SqliteStore:
         checkpointer lock is not the write lock). Idle when nothing is written."""
         conn: sqlite3.Connection | None = None
         try:
-            while True:
+            # close() sets _ckpt_stop before _ckpt_wake: checking stop after every wake-up (and
+            # after every clear) means a wake-up consumed here can never hide the stop.
+            while not self._ckpt_stop.is_set():
                 self._ckpt_wake.wait()
-                if self._ckpt_stop.wait(self.checkpoint_interval):  # let commits gather meanwhile
+                if self._ckpt_stop.is_set() or self._ckpt_stop.wait(self.checkpoint_interval):
                     return
                 self._ckpt_wake.clear()  # commits from now on ask for the next round
                 try:
@@ -1209,7 +1211,7 @@ class SqliteStore:
                         conn = _connect(self._db_path)
                     row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.last_checkpoint = (int(row[0]), int(row[1]), int(row[2]))
-                except sqlite3.Error as exc:  # the writer's backstop checkpoint still runs
+                except sqlite3.Error as exc:  # the writer's automatic checkpoint still runs
                     log.warning("store %s: checkpoint failed: %s", self.path, exc)
                     self._ckpt_stop.wait(1.0)
         finally:
