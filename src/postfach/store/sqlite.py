@@ -24,11 +24,7 @@ Threads (the Datasette pattern):
 Durability (ARCHITECTURE.md invariant 1), in the writer, per batch: first the blob barrier (one
 ``syncfs(2)`` covering every file and folder the batch's requests wrote — see blobs.py; on
 platforms without it each ingest thread fsyncs its file and folder instead), then ``BEGIN
-IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``; only then are the callers answered.
-The barrier runs in a sync thread: just before a COMMIT the writer takes what is queued as the
-next batch (look-ahead) and starts that batch's barrier, so that one batch's syncfs and the
-previous one's WAL fsync wait for the disk together instead of one after the other; a batch
-still commits only after its own barrier returned. The batch
+IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``; only then are the callers answered. The batch
 first runs without savepoints; if a request fails it is rolled back and run again with a
 SAVEPOINT per request, so one failure never fails its neighbours.
 
@@ -62,7 +58,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -279,7 +275,6 @@ class _WriteRequest:
     finished: bool = False  # _finish ran for it (pins released exactly once)
     error: BaseException | None = None  # failed before the writer (blob files): no SQL, just clean up
     append: _AppendSpec | None = None  # an append the writer may merge with its neighbours
-    barrier: Future[None] | None = None  # the batch's blob barrier, started ahead (_start_barrier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,10 +474,6 @@ class SqliteStore:
         # (busy, WAL frames, frames checkpointed) of the checkpointer's last PASSIVE checkpoint
         self.last_checkpoint: tuple[int, int, int] | None = None
         self._writer: threading.Thread | None = None
-        # One thread that runs blob barriers (syncfs) so that a batch's barrier can overlap the
-        # previous batch's commit; the batch gathered for it waits in _ahead (writer thread only).
-        self._sync_pool: ThreadPoolExecutor | None = None
-        self._ahead: tuple[list[_WriteRequest], bool] | None = None
         self._wconn: sqlite3.Connection | None = None
         self._read_pool: ThreadPoolExecutor | None = None
         self._blob_pool: ThreadPoolExecutor | None = None
@@ -510,9 +501,6 @@ class SqliteStore:
         await asyncio.to_thread(self._open_sync)
         self._read_pool = ThreadPoolExecutor(self._readers_n, thread_name_prefix="postfach-store-read")
         self._blob_pool = ThreadPoolExecutor(self._blob_threads_n, thread_name_prefix="postfach-store-blob")
-        if self._blobs.batch_sync:
-            self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="postfach-store-sync")
-        self._ahead = None
         self._writer = threading.Thread(target=self._writer_main, name="postfach-store-writer", daemon=True)
         self._writer.start()
         self._ckpt_stop.clear()
@@ -618,9 +606,6 @@ class SqliteStore:
         self._wq.put(None)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.join)
-        if self._sync_pool is not None:
-            self._sync_pool.shutdown(wait=True)
-            self._sync_pool = None
         self._ckpt_stop.set()
         self._ckpt_wake.set()
         if self._checkpointer is not None:
@@ -825,23 +810,34 @@ class SqliteStore:
 
     def _writer_main(self) -> None:
         stop = False
-        while True:
-            ahead = self._ahead
-            if ahead is not None:
-                # gathered during the previous commit, its blob barrier already under way
-                self._ahead = None
-                batch, ahead_stop = ahead
-                stop = stop or ahead_stop
-            else:
-                if stop:
-                    break
-                first = self._wq.get()
-                if first is None:
-                    break
-                batch, stop = self._gather(first)
-                self._start_barrier(batch)
-            if not batch:
+        while not stop:
+            first = self._wq.get()
+            if first is None:
                 break
+            batch = [first]
+            deadline = 0.0
+            while len(batch) < self.group_commit_max:
+                try:
+                    nxt = self._wq.get_nowait()
+                except queue.Empty:
+                    # Commit delay (PostgreSQL's commit_delay): messages still being written by
+                    # the ingest threads will be here in a moment; wait a little for them so
+                    # that one commit and one blob barrier serve them all. Only then, never idle.
+                    if self._inflight <= 0 or not first.pins:  # only batches of message writes wait
+                        break
+                    now = time.monotonic()
+                    if not deadline:
+                        deadline = now + self.commit_delay
+                    if now >= deadline:
+                        break
+                    try:
+                        nxt = self._wq.get(timeout=deadline - now)
+                    except queue.Empty:
+                        break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
             try:
                 self._run_batch(batch)
             except BaseException:  # never let the writer die silently
@@ -850,71 +846,6 @@ class SqliteStore:
                     with contextlib.suppress(sqlite3.Error):
                         self._wconn.execute("ROLLBACK")
                 self._finish([(r, False, StoreError("internal store error"), None) for r in batch])
-            if stop and self._ahead is None:
-                break
-
-    @staticmethod
-    def _needs_barrier(batch: Sequence[_WriteRequest]) -> bool:
-        return any(r.pins for r in batch if not (r.fn is _gc_only or r.fn is _abandoned))
-
-    def _start_barrier(self, batch: list[_WriteRequest]) -> None:
-        """Start the batch's blob barrier (syncfs) in the sync thread; ``_run_batch`` waits for it
-        before the COMMIT."""
-        if self._sync_pool is not None and self._blobs.batch_sync and self._needs_barrier(batch):
-            fut = self._sync_pool.submit(self._blobs.barrier)
-            for r in batch:
-                r.barrier = fut
-
-    def _look_ahead(self) -> None:
-        """Called by the writer just before a COMMIT: what is queued now becomes the next batch,
-        and its blob barrier runs while this commit waits for the disk. The two flushes of a
-        batch (blob files, then the WAL) thus overlap with those of its neighbours, while each
-        batch still commits only after its own barrier (ARCHITECTURE.md invariant 1)."""
-        if self._ahead is not None or self._sync_pool is None or threading.current_thread() is not self._writer:
-            return
-        try:
-            first = self._wq.get_nowait()
-        except queue.Empty:
-            return
-        if first is None:
-            self._ahead = ([], True)
-            return
-        batch, stop = self._gather(first, wait=False)
-        self._start_barrier(batch)
-        self._ahead = (batch, stop)
-
-    def _gather(self, first: _WriteRequest, *, wait: bool = True) -> tuple[list[_WriteRequest], bool]:
-        """A batch starting with ``first``: whatever else is queued (up to ``group_commit_max``),
-        waiting up to ``commit_delay`` for ingest threads still busy (only when ``wait``). Also
-        returns whether the stop sentinel came."""
-        stop = False
-        batch = [first]
-        deadline = 0.0
-        while len(batch) < self.group_commit_max:
-            try:
-                nxt = self._wq.get_nowait()
-            except queue.Empty:
-                if not wait:
-                    break
-                # Commit delay (PostgreSQL's commit_delay): messages still being written by
-                # the ingest threads will be here in a moment; wait a little for them so
-                # that one commit and one blob barrier serve them all. Only then, never idle.
-                if self._inflight <= 0 or not first.pins:  # only batches of message writes wait
-                    break
-                now = time.monotonic()
-                if not deadline:
-                    deadline = now + self.commit_delay
-                if now >= deadline:
-                    break
-                try:
-                    nxt = self._wq.get(timeout=deadline - now)
-                except queue.Empty:
-                    break
-            if nxt is None:
-                stop = True
-                break
-            batch.append(nxt)
-        return batch, stop
 
     def _run_batch(self, batch: list[_WriteRequest]) -> None:
         conn = self._wconn
@@ -929,15 +860,9 @@ class SqliteStore:
                 self._finish(outcomes)
                 return
         if any(r.pins for r in batch):
-            # Blob files of this batch become durable before the commit that refers to them:
-            # the barrier started when the batch was gathered (maybe during the previous
-            # commit), or one now.
-            started = next((r.barrier for r in batch if r.barrier is not None), None)
+            # Blob files of this batch become durable before the commit that refers to them.
             try:
-                if started is not None:
-                    started.result()
-                else:
-                    self._blobs.barrier()
+                self._blobs.barrier()
             except OSError as exc:
                 err = _translate(exc)
                 outcomes += [(r, False, err, None) for r in batch if r.pins]
@@ -986,7 +911,6 @@ class SqliteStore:
             conn.execute("RELEASE req")
             outcomes.append((req, True, result, tx))
         if conn.in_transaction:
-            self._look_ahead()
             try:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -1042,7 +966,6 @@ class SqliteStore:
                 return False
             done.append((req, True, result, tx))
             i += 1
-        self._look_ahead()
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
