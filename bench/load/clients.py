@@ -103,6 +103,10 @@ class Ledger:
     via: dict[str, str] = field(default_factory=dict)  # tag -> "smtp" | "append"
     acked: set[str] = field(default_factory=set)  # tags whose delivery/APPEND was acknowledged
     uid_of: dict[str, int] = field(default_factory=dict)  # APPEND tag -> APPENDUID uid
+    # account -> APPENDed tags with a UID, not (yet) known removed, in order: what an IMAP worker
+    # picks from. Kept as it goes, so that picking costs the mailbox's size, not the whole run's
+    # (a scan of every tag ever sent made the soak's clients slow down as the ledger grew).
+    appended: dict[str, dict[str, None]] = field(default_factory=dict)
     removed: set[str] = field(default_factory=set)  # acknowledged EXPUNGE / POP3 DELE+QUIT
     maybe_removed: set[str] = field(default_factory=set)  # removal in flight when the server died
     flagged: set[str] = field(default_factory=set)  # acknowledged STORE +FLAGS (\Flagged)
@@ -278,8 +282,8 @@ class ImapWorker(Worker):
                 n += 1
                 op = self.rng.random()
                 with led.lock:
-                    mine = [tg for tg, a in led.rcpt.items() if a == self.account and tg in led.uid_of
-                            and tg not in led.removed and tg not in led.maybe_removed]
+                    mine = [tg for tg in led.appended.get(self.account, {})
+                            if tg not in led.removed and tg not in led.maybe_removed]
                 if self.max_messages is not None and len(mine) > self.max_messages:
                     op = 0.8 if self.rng.random() < 0.6 else 0.95  # \Deleted or EXPUNGE
                 if op < 0.55 or len(mine) < 3:
@@ -313,6 +317,7 @@ class ImapWorker(Worker):
         led.saw_uid(self.account, uidvalidity, uid)
         with led.lock:
             led.uid_of[tag] = uid
+            led.appended.setdefault(self.account, {})[tag] = None
         led.ack("append", tag)
 
     def store(self, imap: imaplib.IMAP4, tag: str, flag: str) -> None:
@@ -350,6 +355,9 @@ class ImapWorker(Worker):
         _ok(typ, resp, "EXPUNGE")
         with led.lock:
             led.removed |= going  # every message with an acknowledged \Deleted is gone now
+            mine = led.appended.get(self.account, {})
+            for tag in going:
+                mine.pop(tag, None)
             led.maybe_removed -= going
             led.deleted_flag[self.account] = set()
             led.maybe_deleted_flag[self.account] = set()
@@ -544,9 +552,11 @@ def forget_lost(ledger: Ledger, boxes: dict[str, Mailbox]) -> None:
             else:
                 ledger.removed.add(tag)
                 ledger.maybe_removed.discard(tag)
+                ledger.appended.get(ledger.rcpt.get(tag, ""), {}).pop(tag, None)
         for tag, uid in present.items():
             if ledger.via.get(tag) == "append" and tag not in ledger.uid_of:
                 ledger.uid_of[tag] = uid
+                ledger.appended.setdefault(ledger.rcpt[tag], {})[tag] = None
         # a \Deleted STORE in flight: settle from what the server has now
         for account, box in boxes.items():
             flagged = {tag_of(d) for _u, (f, d) in box.messages.items() if "\\Deleted" in f}

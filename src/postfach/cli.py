@@ -174,6 +174,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     cert, key = cfg.path(cfg.tls.cert), cfg.path(cfg.tls.key)
     if not cert.exists():
         generate_self_signed(hostname, cert, key)
+    if cfg.smtp.srs:
+        from postfach.smtp.srs import create_secret_file
+
+        create_secret_file(cfg.path(cfg.smtp.srs_secret_file))
     with_store(cfg, _noop)
     print(f"Initialised {d} for {hostname}: config {path}, certificate {cert}")
     return 0

@@ -134,6 +134,13 @@ class SmtpConfig:
     dns_port: int = 53
     relay_port: int = 25  # port of remote MX hosts (tests point it at a loopback sink)
     dkim_selector: str = "postfach"
+    # SRS (postsrsd format) for mail an alias forwards to a remote address: the envelope sender
+    # becomes SRS0=hash=stamp=domain=user@<the alias's domain, or srs_domain>; bounces to such
+    # addresses are verified and returned to the original sender.
+    srs: bool = True
+    srs_secret_file: str = "srs.secret"  # below the data dir; `postfach init` (or first start) writes it
+    srs_domain: str = ""  # empty: the domain of the forwarding alias
+    srs_max_age_days: int = 21  # bounces to older SRS addresses are refused (550 5.1.1)
 
 
 @dataclass(frozen=True)
@@ -338,6 +345,8 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: imap.metadata_max_*: RFC 5464 §4.1 asks for at least 1024 bytes and 10 entries")
     if im.metadata_max_account_entries < im.metadata_max_mailbox_entries:
         raise ConfigError(f"{where}: imap.metadata_max_account_entries: below metadata_max_mailbox_entries")
+    if not 1 <= cfg.smtp.srs_max_age_days < 1024:
+        raise ConfigError(f"{where}: smtp.srs_max_age_days: must be 1 to 1023 (the SRS timestamp wraps at 1024 days)")
     if cfg.store.backend == "postgres" and not cfg.store.dsn:
         raise ConfigError(f'{where}: store.dsn: required when store.backend is "postgres"')
     if cfg.store.schema and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", cfg.store.schema):

@@ -32,6 +32,7 @@ from postfach.net.proxy_listener import ProxyListener, bind, plain_ip
 from postfach.net.tls import TlsManager
 from postfach.queue.scheduler import QueueRunner
 from postfach.quota import QuotaWarner
+from postfach.smtp import srs
 from postfach.smtp.inbound_checks import InboundChecker
 from postfach.store import open_store
 from postfach.store.history import ExpungeHistoryTrimmer
@@ -166,6 +167,7 @@ class Server:
         """DKIM signing and inbound checks for SMTP; quota warnings, the outbound queue, the
         expunge-history trimming and the daily backup as background services (stopped in reverse order)."""
         ctx.services["dkim_signer"] = DkimSigner(ctx.config)
+        ctx.services["srs"] = srs.load(ctx.config)
         # Answers kept for their TTL: a busy sender domain is asked about for every message.
         ctx.services["inbound_checks"] = InboundChecker(ctx.config, make_resolver(ctx.config, cache=True))
         if self._link is not None:

@@ -716,6 +716,15 @@ def run_supervised(config: Config) -> int:
     plog.process_tag = "sup"
     n = config.server.worker_count()
     try:
+        # Made once here, so that workers starting together never race to create the SRS secret.
+        from postfach.errors import ConfigError
+        from postfach.smtp import srs
+
+        srs.load(config)
+    except ConfigError as exc:
+        print(f"postfach: {exc}", file=sys.stderr)
+        return 2
+    try:
         return asyncio.run(Supervisor(config, n).run())
     except OSError as exc:
         log.error("%s", exc)

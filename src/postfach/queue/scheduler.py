@@ -31,6 +31,7 @@ from postfach.dns import make_resolver
 from postfach.errors import NotFound, QuotaExceeded, StoreError
 from postfach.queue.delivery import ConnectionCache, DeliveryOptions, Job, Outcome, deliver_destination
 from postfach.queue.dsn import RecipientReport, compose_dsn, status_of, wants_dsn
+from postfach.smtp.srs import SrsError, is_srs
 from postfach.store.base import Account, DeliveryTarget, QueueItem, QueueRecipient, RecipientState
 from postfach.types import QueueId
 
@@ -335,6 +336,19 @@ async def deliver_notification(runner: QueueRunner, to: str, message: bytes, *, 
     """A DSN to ``to``: into the INBOX of a local account, else queued with the null sender."""
     store = runner.store
     domain = rcpt_domain(to)
+    srs = runner.ctx.services.get("srs")
+    local_part = to.rpartition("@")[0]
+    if srs is not None and is_srs(local_part) and (
+        await store.get_domain(domain) is not None or domain == runner.config.smtp.srs_domain.lower()
+    ):
+        # We forwarded this mail with an SRS sender of ours: the bounce goes to the original one.
+        try:
+            original = srs.reverse(f"{local_part}@{domain}")
+        except SrsError as e:
+            log.warning("queue: bounce to <%s> discarded: %s", to, e)
+            return
+        if original:
+            to, domain = original, rcpt_domain(original)
     if await store.get_domain(domain) is not None:
         account = await _local_account(runner, to)
         if account is None:

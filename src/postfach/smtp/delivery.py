@@ -11,6 +11,10 @@ Resolution order for ``local@domain`` (Postfix virtual(5) + virtual_alias_maps s
 4. the catch-all alias ``@domain``;
 5. otherwise the recipient is unknown: ``550 5.1.1`` at RCPT time.
 
+Before all that, an SRS address of ours (``SRS0=...@``/``SRS1=...@`` one of our domains, see
+srs.py) is verified and stands for the address it encodes (local or remote, usually a bounce on
+its way back to the original sender of forwarded mail); one that does not verify is unknown.
+
 ``deliver`` makes one ``store.deliver`` call for every local copy (one blob, one commit) with
 per-recipient ``Return-Path`` and ``Delivered-To`` lines; it returns only when that is durable.
 """
@@ -26,6 +30,7 @@ from postfach.config import Config
 from postfach.errors import QuotaExceeded, StorageFull, StoreUnavailable
 from postfach.smtp import codes
 from postfach.smtp.codes import Reply
+from postfach.smtp.srs import Srs, SrsError, is_srs
 from postfach.store.base import Account, DeliveryTarget, Store
 
 log = logging.getLogger("postfach.smtp")
@@ -75,9 +80,10 @@ def normalize(address: str) -> str:
 
 
 class LocalDelivery:
-    def __init__(self, store: Store, config: Config) -> None:
+    def __init__(self, store: Store, config: Config, srs: Srs | None = None) -> None:
         self.store = store
         self.config = config
+        self.srs = srs
         # One LocalDelivery lives as long as one SMTP session: domains added or removed meanwhile
         # count from the next connection on (Postfix reads its tables per process the same way).
         self._domains: dict[str, bool] = {}
@@ -95,8 +101,10 @@ class LocalDelivery:
     async def is_local_address(self, address: str) -> bool:
         """Our domain, or an address some alias is defined for (alias-only domains)."""
         addr = normalize(address)
-        _, domain = split_address(addr)
+        local, domain = split_address(addr)
         if await self.is_local_domain(domain):
+            return True
+        if self.srs is not None and is_srs(local) and domain == self.srs_domain_override():
             return True
         return bool(await self.store.aliases_for(addr)) or bool(await self.store.aliases_for("@" + domain))
 
@@ -109,11 +117,53 @@ class LocalDelivery:
                 return f"postmaster@{name}"
         return f"postmaster@{domains[0]}" if domains else f"postmaster@{host}"
 
+    # --- SRS -------------------------------------------------------------------------------------
+    def srs_domain_override(self) -> str:
+        return a_label(self.config.smtp.srs_domain) if self.config.smtp.srs_domain else ""
+
+    async def forward_sender(self, sender: str, alias_address: str) -> str:
+        """The envelope sender for a copy that the alias ``alias_address`` forwards to a remote
+        address: SRS-rewritten into our domain unless it is null or one of ours already (then
+        SPF at the receiver passes without it, and submission stays untouched)."""
+        if self.srs is None or not sender:
+            return sender
+        _, sdomain = split_address(sender)
+        if await self.is_local_domain(sdomain):
+            return sender
+        domain = self.srs_domain_override() or split_address(normalize(alias_address))[1]
+        return self.srs.forward(sender, domain)
+
+    async def _srs_reverse(self, addr: str) -> str | None:
+        """The address an SRS address of ours encodes; "" when it does not verify; None when
+        ``addr`` is not an SRS address of ours."""
+        if self.srs is None:
+            return None
+        lpart, domain = split_address(addr)  # the local part as given: it carries the original's
+        domain = a_label(domain)
+        if not is_srs(lpart):
+            return None
+        if domain != self.srs_domain_override() and not await self.is_local_domain(domain):
+            return None
+        try:
+            original = self.srs.reverse(f"{lpart}@{domain}")
+        except SrsError as e:
+            log.info("SRS address <%s> refused: %s", addr, e)
+            return ""
+        return original or None
+
     # --- resolution ------------------------------------------------------------------------------
     async def resolve(self, address: str) -> Resolution | None:
         """The local and remote targets of a local address; None when nobody is known there."""
         local: dict[tuple[int, str], LocalRecipient] = {}
         remote: list[str] = []
+        original = await self._srs_reverse(address)
+        if original is not None:
+            if not original:
+                return None  # forged, damaged or expired: 550 5.1.1
+            _, odomain = split_address(original)
+            if not await self.is_local_domain(odomain):
+                return Resolution((), (original,))
+            address = original  # e.g. a bounce of mail one of our users sent through a forwarder
         found = await self._expand(normalize(address), local, remote, set(), 0)
         if not found or (not local and not remote):  # unknown, or aliases that lead nowhere (a loop)
             return None

@@ -82,6 +82,7 @@ class Recipient:
     params: RcptParams
     local: tuple[LocalRecipient, ...] = ()
     remote: tuple[str, ...] = ()
+    forwarded: bool = False  # remote targets of an alias of ours (SRS applies), not relay
 
 
 @dataclass
@@ -333,7 +334,7 @@ class Session:
             problem = await self.delivery.quota_problem(resolution, txn.params.size or 0)
             if problem is not None:
                 return self._error(problem.with_text(f"<{address}>: {problem.text}"))
-            txn.recipients.append(Recipient(address, cmd.params, resolution.local, resolution.remote))
+            txn.recipients.append(Recipient(address, cmd.params, resolution.local, resolution.remote, True))
             return Result([codes.R250_RECIPIENT_OK])
         if not self.policy.relay_allowed(self.account):
             log.info("smtp %s: relay to %s refused", self.peer.remote_ip, address)
@@ -443,17 +444,24 @@ class Session:
             return e.reply
         if txn.sender:
             await self._success_dsn(txn, final)
+        # Remote copies, one queue item per envelope sender: aliases of ours that forward get
+        # the SRS sender (srs.py), relayed mail keeps the client's.
         remote: dict[str, QueueRecipient] = {}
+        senders: dict[str, dict[str, QueueRecipient]] = {}
         for r in txn.recipients:
+            if not r.remote:
+                continue
+            sender = await self.delivery.forward_sender(txn.sender, r.address) if r.forwarded else txn.sender
             for addr in r.remote:
                 key = normalize(addr)
                 if key not in remote:  # the same outside address twice is sent once
                     remote[key] = QueueRecipient(addr, notify=r.params.notify, orcpt=r.params.orcpt)
-        if remote:
+                    senders.setdefault(sender, {})[key] = remote[key]
+        for sender, rcpts in senders.items():
             try:
                 await self.ctx.store.queue_add(
-                    txn.sender,
-                    list(remote.values()),
+                    sender,
+                    list(rcpts.values()),
                     final,
                     ret=txn.params.ret,
                     envid=txn.params.envid,
@@ -463,6 +471,7 @@ class Session:
             except Exception:
                 log.exception("smtp: queueing %s failed", queue_id)
                 return codes.R451_LOCAL_ERROR
+        if remote:
             self._wake_queue()
         log.info(
             "smtp %s: %s from=<%s> rcpts=%d size=%d local=%d remote=%d",
@@ -524,7 +533,7 @@ class Session:
 
 
 def make_session(ctx: ServerContext, peer: Peer, protocol: str) -> Session:
-    delivery = LocalDelivery(ctx.store, ctx.config)
+    delivery = LocalDelivery(ctx.store, ctx.config, ctx.services.get("srs"))
     policy: Policy
     if protocol == "mx":
         policy = InboundPolicy(delivery, ctx.services)

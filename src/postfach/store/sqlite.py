@@ -28,6 +28,15 @@ IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``; only then are the callers 
 first runs without savepoints; if a request fails it is rolled back and run again with a
 SAVEPOINT per request, so one failure never fails its neighbours.
 
+Checkpoints (WAL -> database file): a **checkpointer thread** with its own connection runs a
+PASSIVE checkpoint shortly after commits (``checkpoint_interval``), so that the copying happens
+outside the writer's commit path. The writer keeps SQLite's automatic checkpoint (every
+``wal_autocheckpoint_pages``): under a steady stream of commits only the writer itself can
+restart the WAL from its beginning (a restart needs a moment when every frame is copied and
+the writer begins its next transaction; without it the WAL file grew to ~40 MB in the soak),
+and it now finds little left to copy. ``journal_size_limit`` shrinks the WAL file back after a
+spike (a long-running reader that held the checkpoints back).
+
 Files of blobs whose refcount drops to 0 are removed after the commit. A crash between a blob
 file's rename and the commit leaves an unreferenced file; the next open that finds the "dirty"
 marker of an unclean shutdown removes such files (see ``_recover``).
@@ -511,6 +520,9 @@ class SqliteStore:
         ingest_threads: int | None = None,
         commit_delay: float = 0.002,
         backfill_batch: int = 200,
+        checkpoint_interval: float = 0.25,
+        wal_autocheckpoint_pages: int = 1000,
+        wal_size_limit: int = 64 * 1024 * 1024,
     ) -> None:
         self.path = Path(path)
         self.group_commit_max = max(1, group_commit_max)
@@ -533,6 +545,14 @@ class SqliteStore:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self.commit_delay = commit_delay
+        self.checkpoint_interval = checkpoint_interval
+        self._wal_autocheckpoint = max(0, wal_autocheckpoint_pages)
+        self._wal_size_limit = wal_size_limit
+        self._checkpointer: threading.Thread | None = None
+        self._ckpt_wake = threading.Event()
+        self._ckpt_stop = threading.Event()
+        # (busy, WAL frames, frames checkpointed) of the checkpointer's last PASSIVE checkpoint
+        self.last_checkpoint: tuple[int, int, int] | None = None
         self._writer: threading.Thread | None = None
         self._wconn: sqlite3.Connection | None = None
         self._read_pool: ThreadPoolExecutor | None = None
@@ -578,6 +598,11 @@ class SqliteStore:
         self._blob_pool = ThreadPoolExecutor(self._blob_threads_n, thread_name_prefix="postfach-store-blob")
         self._writer = threading.Thread(target=self._writer_main, name="postfach-store-writer", daemon=True)
         self._writer.start()
+        self._ckpt_stop.clear()
+        self._checkpointer = threading.Thread(
+            target=self._checkpointer_main, name="postfach-store-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
         self._ingesters = [
             threading.Thread(target=self._ingest_main, name=f"postfach-store-ingest-{i}", daemon=True)
             for i in range(self._ingest_threads_n)
@@ -638,6 +663,11 @@ class SqliteStore:
             except BaseException:
                 conn.close()
                 raise
+            # The checkpointer thread does the copying; the writer's automatic checkpoint
+            # restarts the WAL (see the module docstring). journal_size_limit: the WAL file is
+            # cut back to it when it restarts after a spike.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {int(self._wal_autocheckpoint)}")
+            conn.execute(f"PRAGMA journal_size_limit = {int(self._wal_size_limit)}")
             self._wconn = conn
             self._blobs.prepare(clean_tmp=exclusive, pin_file=self.path / "pins")
             self._gc_pause_fd = os.open(self.path / "gc.lock", os.O_RDWR | os.O_CREAT, 0o640)
@@ -696,6 +726,11 @@ class SqliteStore:
         self._wq.put(None)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.join)
+        self._ckpt_stop.set()
+        self._ckpt_wake.set()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.join)
+            self._checkpointer = None
         if self._read_pool is not None:
             self._read_pool.shutdown(wait=True)
         if self._blob_pool is not None:
@@ -1246,10 +1281,37 @@ class SqliteStore:
         if candidates:
             # Before the callers hear back: once a delete returned, its files are gone.
             self._remove_dead(candidates)
+        if any(ok for _, ok, _, _ in outcomes):
+            self._ckpt_wake.set()
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._resolve, [(r.future, ok, v) for r, ok, v, _ in outcomes], changes)
+
+    def _checkpointer_main(self) -> None:
+        """PASSIVE checkpoints from a connection of its own, a little after commits: they copy
+        what no reader still needs and never wait for readers or block the writer (SQLite's
+        checkpointer lock is not the write lock). Idle when nothing is written."""
+        conn: sqlite3.Connection | None = None
+        try:
+            # close() sets _ckpt_stop before _ckpt_wake: checking stop after every wake-up (and
+            # after every clear) means a wake-up consumed here can never hide the stop.
+            while not self._ckpt_stop.is_set():
+                self._ckpt_wake.wait()
+                if self._ckpt_stop.is_set() or self._ckpt_stop.wait(self.checkpoint_interval):
+                    return
+                self._ckpt_wake.clear()  # commits from now on ask for the next round
+                try:
+                    if conn is None:
+                        conn = _connect(self._db_path)
+                    row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.last_checkpoint = (int(row[0]), int(row[1]), int(row[2]))
+                except sqlite3.Error as exc:  # the writer's automatic checkpoint still runs
+                    log.warning("store %s: checkpoint failed: %s", self.path, exc)
+                    self._ckpt_stop.wait(1.0)
+        finally:
+            if conn is not None:
+                conn.close()
 
     def _remove_dead(self, candidates: set[str]) -> None:
         with self._gc_lock:

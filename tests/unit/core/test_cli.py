@@ -43,6 +43,7 @@ def test_init_writes_config_certificate_and_store(tmp_path: Path, capsys: pytest
     assert (d / "postfach.toml").exists()
     assert (d / "tls" / "cert.pem").exists()
     assert (d / "tls" / "key.pem").stat().st_mode & 0o077 == 0
+    assert (d / "srs.secret").stat().st_mode & 0o077 == 0 and len((d / "srs.secret").read_text().strip()) >= 32
     from cryptography import x509
 
     cert = x509.load_pem_x509_certificate((d / "tls" / "cert.pem").read_bytes())
