@@ -13,7 +13,10 @@ from tests.store.storehelpers import account_with_inbox, msg
 
 from postfach.store.sqlite import SqliteStore
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.sqlite_only("WAL checkpoints of the embedded store's meta.sqlite3"),
+]
 
 
 async def _caught_up(store: SqliteStore) -> tuple[int, int, int]:
