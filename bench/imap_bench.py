@@ -19,7 +19,8 @@ last line of stdout is one JSON object of figures for bench/run.py.
 
 Environment knobs for investigations: IMAP_BENCH_STDLIB_LOOP=1 (server without uvloop),
 IMAP_BENCH_GC_THRESHOLD=50000 (gc.set_threshold in the server), IMAP_BENCH_PYINSTRUMENT=<file> /
-IMAP_BENCH_PROFILE=<file> (profile the server process).
+IMAP_BENCH_PROFILE=<file> (profile the server process), IMAP_BENCH_WRITER_PROFILE=<file> (cProfile
+of the SQLite store's writer thread).
 """
 
 from __future__ import annotations
@@ -138,6 +139,22 @@ def serve(data: Path, workers: int = 1) -> None:
         asyncio.run(supervised())
         return
 
+    if os.environ.get("IMAP_BENCH_WRITER_PROFILE"):
+        # cProfile of the SQLite store's writer thread (written when the store closes).
+        import cProfile
+
+        from postfach.store import sqlite as store_sqlite
+
+        writer_main = store_sqlite.SqliteStore._writer_main
+
+        def profiled(self: store_sqlite.SqliteStore) -> None:
+            prof = cProfile.Profile()
+            try:
+                prof.runcall(writer_main, self)
+            finally:
+                prof.dump_stats(os.environ["IMAP_BENCH_WRITER_PROFILE"])
+
+        store_sqlite.SqliteStore._writer_main = profiled  # type: ignore[method-assign]
     if os.environ.get("IMAP_BENCH_SWITCH_INTERVAL"):
         # How long a store thread may wait for the GIL while the event loop runs (default 5 ms).
         sys.setswitchinterval(float(os.environ["IMAP_BENCH_SWITCH_INTERVAL"]))

@@ -709,3 +709,27 @@ async def test_closed_store_refuses(tmp_path: Path) -> None:
     await s.close()
     with pytest.raises(StoreError):
         await s.add_domain("example.com")
+
+
+@pytest.mark.asyncio
+async def test_mailbox_changes_small_and_large(store: Store) -> None:
+    """Few changes are read on the event loop's connection (SQLite), many on a reader thread:
+    both give every change, in UID order."""
+    aid, inbox = await account_with_inbox(store)
+    r = await store.append_many(aid, inbox, [(msg(i), frozenset(), None) for i in range(300)])
+    uids = [x.uid for x in r]
+    base = r[-1].modseq
+    await store.store_flags(aid, inbox, uids[5:7], FlagOp.ADD, frozenset({"\\Seen"}))
+    ch = await store.mailbox_changes(aid, inbox, base)
+    assert [m.uid for m in ch.changed] == uids[5:7] and ch.expunged == ()
+    assert all(m.flags == frozenset({"\\Seen"}) for m in ch.changed)
+    await store.store_flags(aid, inbox, list(reversed(uids)), FlagOp.ADD, frozenset({"\\Deleted"}))
+    ch = await store.mailbox_changes(aid, inbox, base)
+    assert [m.uid for m in ch.changed] == uids and ch.expunged == ()
+    mid = ch.mailbox.highestmodseq
+    assert await store.expunge(aid, inbox, uids[:290]) == uids[:290]
+    ch = await store.mailbox_changes(aid, inbox, mid)
+    assert ch.changed == () and ch.expunged == tuple(uids[:290])
+    assert ch.mailbox.highestmodseq > mid
+    ch = await store.mailbox_changes(aid, inbox, base)
+    assert [m.uid for m in ch.changed] == uids[290:] and ch.expunged == tuple(uids[:290])

@@ -41,6 +41,17 @@ _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x00, 0x20)) | {0x7F
 _ASTRING_SPECIALS = _ATOM_SPECIALS - {ord("]")}
 _LIST_SPECIALS = _ASTRING_SPECIALS - {ord("%"), ord("*")}
 _TAG_SPECIALS = _ASTRING_SPECIALS | {ord("+")}
+_FETCH_WORD_SPECIALS = _ATOM_SPECIALS | {ord("["), ord("<")}  # BODY.PEEK[, RFC822.SIZE ...
+_SECTION_TEXT_SPECIALS = _ATOM_SPECIALS | {ord("[")}
+# P._run: one compiled "run of bytes outside the set" per set (a C loop, not a Python one).
+_RUNS: dict[frozenset[int], re.Pattern[bytes]] = {}
+
+
+def _run_pattern(specials: frozenset[int]) -> re.Pattern[bytes]:
+    rx = _RUNS.get(specials)
+    if rx is None:
+        rx = _RUNS[specials] = re.compile(b"[^" + b"".join(re.escape(bytes([x])) for x in sorted(specials)) + b"]*")
+    return rx
 _MONTHS = {m: i + 1 for i, m in enumerate(
     ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"))}
 _DATE_TIME = re.compile(
@@ -121,12 +132,10 @@ class _P:
             raise self.fail("unexpected characters at the end of the command")
 
     def _run(self, specials: frozenset[int]) -> bytes:
-        start = self.pos
-        data = self.data
-        n = len(data)
-        while self.pos < n and data[self.pos] not in specials:
-            self.pos += 1
-        return data[start : self.pos]
+        m = _run_pattern(specials).match(self.data, self.pos)
+        assert m is not None  # "[^...]*" always matches
+        self.pos = m.end()
+        return m.group()
 
     def atom(self, what: str = "an atom") -> str:
         raw = self._run(_ATOM_SPECIALS)
@@ -717,7 +726,7 @@ def _fetch(p: _P, uid: bool) -> c.Fetch:
         p.depth -= 1
     else:
         save = p.pos
-        word = p._run(_ATOM_SPECIALS | {ord("["), ord("<")}).decode("ascii", "replace").upper()
+        word = p._run(_FETCH_WORD_SPECIALS).decode("ascii", "replace").upper()
         if word in _MACROS:
             items.extend(c.FetchAtt(n) for n in _MACROS[word])
         else:
@@ -752,7 +761,7 @@ def _fetch(p: _P, uid: bool) -> c.Fetch:
 
 
 def _fetch_att(p: _P) -> c.FetchAtt:
-    word = p._run(_ATOM_SPECIALS | {ord("["), ord("<")}).decode("ascii", "replace").upper()
+    word = p._run(_FETCH_WORD_SPECIALS).decode("ascii", "replace").upper()
     if not word:
         raise p.fail("expected a fetch attribute")
     if word in ("BODY", "BODY.PEEK", "BINARY", "BINARY.PEEK", "BINARY.SIZE"):
@@ -797,7 +806,7 @@ def _section(p: _P, binary: bool) -> c.Section:
         return c.Section(())
     if binary:
         raise p.fail("BINARY sections are part numbers only (RFC 3516 §4.1)")
-    text = p._run(_ATOM_SPECIALS | {ord("[")}).decode("ascii", "replace").upper()
+    text = p._run(_SECTION_TEXT_SPECIALS).decode("ascii", "replace").upper()
     if text in ("HEADER", "TEXT"):
         return c.Section(tuple(part), text)
     if text == "MIME":

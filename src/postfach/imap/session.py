@@ -17,6 +17,7 @@ import logging
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
@@ -204,6 +205,8 @@ class Session:
         self._view: MailboxView | None = None
         self._mailbox_ids: dict[str, MailboxId] = {}
         self._spec_keys: dict[int, tuple[c.Section, str]] = {}
+        self._plan: _FetchPlan | None = None  # the current FETCH's, see _fetch_plan
+        self._flag_lists: dict[frozenset[str], bytes] = {}  # the current FETCH's, see _flag_list
         self._blobs: LruCache[str, bytes] = ctx.services.setdefault(BLOB_CACHE_KEY, blob_cache())
         self._infos: LruCache[str, object] = ctx.services.setdefault(INFO_CACHE_KEY, info_cache())
         self._sections: LruCache[tuple[str, str], bytes] = ctx.services.setdefault(
@@ -1490,6 +1493,8 @@ class Session:
         uids = self._resolve(cmd.seqset, cmd.uid)
         items = cmd.items
         self._spec_keys.clear()
+        self._plan = None
+        self._flag_lists.clear()
         if cmd.vanished and not self.qresync:
             raise CommandBad("VANISHED needs ENABLE QRESYNC (RFC 7162 §3.2.6)")
         if cmd.changedsince is not None or any(i.name == "MODSEQ" for i in items):
@@ -1626,8 +1631,9 @@ class Session:
                            rev1: bool, seen_now: set[Uid], needs_info: bool, needs_data: bool) -> bool:
         """Load a few messages at once (the store reads in parallel threads), then answer in
         order. Returns True when some message had gone meanwhile."""
+        plan = self._fetch_plan(items)
         loads: list[tuple[MessageInfo | None, bytes | None, bool] | BaseException | None] = [
-            self._load_nowait(meta, items, needs_info, needs_data) for _, meta in batch]
+            self._load_nowait(meta, plan, needs_info, needs_data) for _, meta in batch]
         todo = [i for i, x in enumerate(loads) if x is None]
         if todo:
             got = await asyncio.gather(*(self._load(batch[i][1], items, needs_info, needs_data)
@@ -1643,8 +1649,43 @@ class Session:
                 raise loaded
             assert loaded is not None
             info, data, stream = loaded
-            await self._fetch_full(seq, meta, items, rev1, meta.uid in seen_now, info, data, stream)
+            await self._fetch_full(seq, meta, plan, rev1, meta.uid in seen_now, info, data, stream)
         return missing
+
+    def _fetch_plan(self, items: tuple[c.FetchAtt, ...]) -> _FetchPlan:
+        """What each attribute of a FETCH needs, worked out once per command instead of once per
+        message (labels, section cache keys)."""
+        if self._plan is not None and self._plan.items is items:
+            return self._plan
+        steps: list[tuple[c.FetchAtt, int, bytes, str]] = []
+        field_keys: list[str] = []
+        other_data = False
+        for att in items:
+            name = att.name
+            sec = att.section
+            if name == "UID":
+                steps.append((att, _K_UID, b"", ""))
+            elif name == "FLAGS":
+                steps.append((att, _K_FLAGS, b"", ""))
+            elif name == "RFC822.SIZE":
+                steps.append((att, _K_SIZE, b"", ""))
+            elif name in ("ENVELOPE", "BODY", "BODYSTRUCTURE"):
+                steps.append((att, _K_INFO, name.encode() + b" ", ""))
+            elif not _needs_data(att):
+                steps.append((att, _K_SIMPLE, b"", ""))
+            elif name == "BODY[]" and sec is not None and sec.fields and not sec.part:
+                # what _cached_fields finds; the label is _section_answer's for a cache hit
+                label = b"BODY[" + sec.spec().encode("utf-8") + b"]"
+                if att.partial is not None:
+                    label += b"<%d>" % att.partial[0]
+                key = self._spec_key(sec)
+                steps.append((att, _K_FIELDS, label + b" ", key))
+                field_keys.append(key)
+            else:
+                steps.append((att, _K_OTHER, b"", ""))
+                other_data = True
+        self._plan = _FetchPlan(items, tuple(steps), tuple(field_keys), other_data)
+        return self._plan
 
     def _cached_fields(self, att: c.FetchAtt, meta: MessageMeta) -> bytes | None:
         sec = att.section
@@ -1660,7 +1701,7 @@ class Session:
             self._spec_keys[id(sec)] = key
         return key[1]
 
-    def _load_nowait(self, meta: MessageMeta, items: tuple[c.FetchAtt, ...], needs_info: bool,
+    def _load_nowait(self, meta: MessageMeta, plan: _FetchPlan, needs_info: bool,
                      needs_data: bool) -> tuple[MessageInfo | None, bytes | None, bool] | None:
         """What _load would give, from the caches alone; None when the store must be asked."""
         if meta.size > STREAM_MIN_BYTES:
@@ -1672,8 +1713,9 @@ class Session:
                 return None
             info = hit
         data: bytes | None = None
-        if needs_data and not all(self._cached_fields(i, meta) is not None for i in items
-                                  if _needs_data(i)):
+        peek = self._sections.peek
+        blob_id = meta.blob_id
+        if needs_data and (plan.other_data or any(peek((blob_id, k)) is None for k in plan.field_keys)):
             data = self._blobs.get(meta.blob_id)
             if data is None:
                 return None
@@ -1696,34 +1738,54 @@ class Session:
         info = await self._info(meta) if needs_info else None
         return info, data, stream
 
-    async def _fetch_full(self, seq: int, meta: MessageMeta, items: tuple[c.FetchAtt, ...], rev1: bool,
+    async def _fetch_full(self, seq: int, meta: MessageMeta, plan: _FetchPlan, rev1: bool,
                           add_flags: bool, info: MessageInfo | None, data: bytes | None,
                           stream: bool) -> None:
         put = self._wbuf.extend  # small pieces go straight into the batch; big ones are flushed
         put(b"* %d FETCH (" % seq)
+        sections = self._sections
         first = True
-        for att in items:
+        for att, kind, label, key in plan.steps:
             if not first:
                 put(b" ")
             first = False
-            name = att.name
-            if name in ("ENVELOPE", "BODY", "BODYSTRUCTURE"):
+            if kind == _K_UID:
+                put(b"UID %d" % meta.uid)
+                continue
+            if kind == _K_FLAGS:
+                put(b"FLAGS " + self._flag_list(self.sel.flags_of(meta.uid, rev1)))
+                continue
+            if kind == _K_SIZE:
+                put(b"RFC822.SIZE %d" % meta.size)
+                continue
+            if kind == _K_FIELDS:
+                cached = sections.get((meta.blob_id, key))
+                if cached is not None:
+                    if att.partial is not None:
+                        cached = cached[att.partial[0] : att.partial[0] + att.partial[1]]
+                    put(label + b"{%d}\r\n" % len(cached))
+                    put(cached)
+                    if len(self._wbuf) >= WRITE_BATCH:
+                        await self._flush()
+                    continue
+            elif kind == _K_INFO:
                 assert info is not None
-                key = (meta.blob_id, name)
-                value = self._sections.get(key)
+                name = att.name
+                ikey = (meta.blob_id, name)
+                value = sections.get(ikey)
                 if value is None:
                     if name == "ENVELOPE":
                         value = mail.imap_envelope(info)
                     else:
                         value = mail.imap_bodystructure(info, name == "BODYSTRUCTURE")
-                    self._sections.put(key, value, len(value) + 100)
-                put(name.encode())
-                put(b" ")
+                    sections.put(ikey, value, len(value) + 100)
+                put(label)
                 put(value)
                 continue
-            if not _needs_data(att):
+            elif kind == _K_SIMPLE:
                 put(self._simple_att(att, meta, rev1))
                 continue
+            name = att.name
             if name == "PREVIEW":
                 assert info is not None
                 if data is None:
@@ -1750,10 +1812,17 @@ class Session:
             else:
                 put(payload)
         if add_flags:
-            put(b" FLAGS " + r.flag_list(self.sel.flags_of(meta.uid, rev1)))
+            put(b" FLAGS " + self._flag_list(self.sel.flags_of(meta.uid, rev1)))
         put(b")\r\n")
         if len(self._wbuf) >= WRITE_BATCH:
             await self._flush()
+
+    def _flag_list(self, flags: frozenset[str]) -> bytes:
+        """r.flag_list, remembered for the command (a mailbox has few distinct flag sets)."""
+        fl = self._flag_lists.get(flags)
+        if fl is None:
+            fl = self._flag_lists[flags] = r.flag_list(flags)
+        return fl
 
     async def _stream_blob(self, blob_id: BlobId, start: int, length: int) -> None:
         await self._flush()
@@ -2241,6 +2310,18 @@ async def _forever() -> None:
     import asyncio  # the session stays socket-free; this only parks a task
 
     await asyncio.Event().wait()
+
+
+# What _fetch_full does with an attribute (see Session._fetch_plan).
+_K_UID, _K_FLAGS, _K_SIZE, _K_INFO, _K_SIMPLE, _K_FIELDS, _K_OTHER = range(7)
+
+
+@dataclass(frozen=True, slots=True)
+class _FetchPlan:
+    items: tuple[c.FetchAtt, ...]
+    steps: tuple[tuple[c.FetchAtt, int, bytes, str], ...]  # (att, kind, label + b" ", cache key)
+    field_keys: tuple[str, ...]  # section cache keys of the _K_FIELDS steps
+    other_data: bool  # some attribute needs the message bytes whatever the caches hold
 
 
 def _att_needs_info(att: c.FetchAtt) -> bool:

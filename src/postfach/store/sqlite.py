@@ -219,6 +219,21 @@ def _flags_from(text: str) -> frozenset[str]:
     return frozenset(text.split()) if text else frozenset()
 
 
+_LOOP_READ_ROWS = 256  # at most this many rows per statement for a read on the event loop
+
+
+class _TooManyRows(Exception):
+    """A read on the event loop found more than _LOOP_READ_ROWS rows (see _snapshot_read)."""
+
+
+def _capped(cur: sqlite3.Cursor, cap: int) -> list[Any]:
+    rows = cur.fetchmany(cap + 1)
+    if len(rows) > cap:
+        cur.close()
+        raise _TooManyRows()
+    return rows
+
+
 def _translate(exc: BaseException) -> BaseException:
     """Never let a raw sqlite3/OSError reach a caller."""
     if isinstance(exc, PostfachError):
@@ -873,6 +888,36 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise _translate(exc) from exc
         return await self._read(fn)
+
+    async def _snapshot_read(self, quick: Callable[[sqlite3.Connection], T],
+                             full: Callable[[sqlite3.Connection], T]) -> T:
+        """A read of a few statements that must share one snapshot and usually touch few rows
+        (an IMAP session's changes since it last looked): ``quick`` runs right here on the event
+        loop's connection inside BEGIN ... COMMIT, like _point_read; it raises _TooManyRows when
+        the answer turns out big, and then, or when SQLite reports the database busy, ``full``
+        runs on a reader thread instead."""
+        self._check_open()
+        conn = self._lconn
+        if conn is not None:
+            try:
+                conn.execute("BEGIN")
+                try:
+                    return quick(conn)
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+            except _TooManyRows:
+                pass
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", None)
+                if not isinstance(code, int) or code & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise _translate(exc) from exc
+                with contextlib.suppress(sqlite3.Error):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+        return await self._read(full)
 
     async def _in_blob_thread(self, fn: Callable[..., T], *args: Any) -> T:
         loop = self._check_open()
@@ -2178,7 +2223,7 @@ class SqliteStore:
         return await self._read(fn)
 
     async def mailbox_changes(self, account_id: AccountId, mailbox_id: MailboxId, since: ModSeq) -> MailboxChanges:
-        def fn(conn: sqlite3.Connection) -> MailboxChanges:
+        def fn(conn: sqlite3.Connection, cap: int | None = None) -> MailboxChanges:
             r = conn.execute(
                 f"SELECT {_MAILBOX_COLS},"
                 " coalesce((SELECT f.modseq FROM expunge_floor f WHERE f.mailbox_id = m.id), 0) AS floor"
@@ -2189,27 +2234,22 @@ class SqliteStore:
                 raise NotFound("no such mailbox")
             # No ORDER BY uid in SQL: it would make SQLite walk the (mailbox, uid) key over the
             # whole mailbox instead of the modseq index; the changes are few, sort them here.
-            changed = sorted(
-                (
-                    _meta(x)
-                    for x in conn.execute(
-                        f"SELECT {_MESSAGE_COLS} FROM message INDEXED BY message_modseq"
-                        " WHERE mailbox_id = ? AND modseq > ?",
-                        (mailbox_id, since),
-                    )
-                ),
-                key=lambda m: m.uid,
+            cur = conn.execute(
+                f"SELECT {_MESSAGE_COLS} FROM message INDEXED BY message_modseq WHERE mailbox_id = ? AND modseq > ?",
+                (mailbox_id, since),
             )
-            expunged = sorted(
-                Uid(int(x[0]))
-                for x in conn.execute(
-                    "SELECT uid FROM expunged INDEXED BY expunged_modseq WHERE mailbox_id = ? AND modseq > ?",
-                    (mailbox_id, since),
-                )
+            rows = cur.fetchall() if cap is None else _capped(cur, cap)
+            changed = sorted((_meta(x) for x in rows), key=lambda m: m.uid)
+            cur = conn.execute(
+                "SELECT uid FROM expunged INDEXED BY expunged_modseq WHERE mailbox_id = ? AND modseq > ?",
+                (mailbox_id, since),
             )
+            gone = cur.fetchall() if cap is None else _capped(cur, cap)
+            expunged = sorted(Uid(int(x[0])) for x in gone)
             return MailboxChanges(_mailbox(r), tuple(changed), tuple(expunged), ModSeq(int(r["floor"])))
 
-        return await self._read(fn)
+        # Asked before nearly every IMAP command that follows a change: on the loop when small.
+        return await self._snapshot_read(lambda conn: fn(conn, _LOOP_READ_ROWS), fn)
 
     async def store_flags(
         self,
