@@ -254,7 +254,7 @@ def write_doc(results: dict[str, object], figures: dict[str, Any]) -> None:
         "is rewritten by `bench/run.py` from `bench/results/latest.json`. Targets come from the issues.",
         "",
         f"Machine: {m['cores']} cores, Python {m['python']}, {m['loop']}, {m['platform']}. "
-        f"Date: {results['date']}. Mode: {'quick' if results['quick'] else 'full'}.",
+        f"Date: {results['date']}. Mode: {_mode(results)}.",
         "",
         "| figure | measured | target | verdict |",
         "|---|---|---|---|",
@@ -519,6 +519,14 @@ def pg_notes(figures: dict[str, Any]) -> list[str]:
     return out
 
 
+def _mode(results: dict[str, Any]) -> str:
+    """"full", "quick", or full with the scripts whose figures come from a --quick run named."""
+    if results.get("quick"):
+        return "quick"
+    q = results.get("quick_scripts") or []
+    return "full" if not q else "full, except " + ", ".join(f"`{n}`" for n in q) + " (quick)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="short run (about 2 minutes)")
@@ -528,19 +536,26 @@ def main() -> int:
     args = ap.parse_args()
     figures: dict[str, Any] = {}
     previous: dict[str, Any] = {}
+    quick_scripts: list[str] = []  # which scripts' figures come from a --quick run
     if RESULTS.exists():
-        previous = json.loads(RESULTS.read_text()).get("figures", {})
+        old = json.loads(RESULTS.read_text())
+        previous = old.get("figures", {})
+        quick_scripts = list(old.get("quick_scripts", list(SCRIPTS) if old.get("quick") else []))
+    if not (args.only or args.doc_only):
+        quick_scripts = []
     if not args.doc_only:
         for name in SCRIPTS:
             if args.only and name not in args.only:
                 continue
             figures.update(run_script(name, args.quick))
+            quick_scripts = [q for q in quick_scripts if q != name] + ([name] if args.quick else [])
         if args.compare:
             figures.update(run_script(COMPARE_SCRIPTS[args.compare], args.quick))
     merged = {**previous, **figures} if (args.only or args.doc_only) else figures
     results = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick,
+        "quick": bool(quick_scripts) and set(quick_scripts) >= set(SCRIPTS),
+        "quick_scripts": sorted(quick_scripts),
         "machine": machine(),
         "figures": merged,
     }
