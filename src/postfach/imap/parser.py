@@ -864,24 +864,30 @@ def _store(p: _P, uid: bool) -> c.Store:
     return c.Store(p.tag, seqset, op, silent, flags, uid=uid, unchangedsince=unchangedsince)
 
 
+
+def _return_opts(p: _P) -> tuple[tuple[str, ...] | None, tuple[int, int] | None]:
+    """An optional ``RETURN (opt ...) `` (RFC 4731 §3, RFC 5267, RFC 9394 PARTIAL): the options
+    (None when absent) and the PARTIAL range, if any. Consumes the space after it."""
+    if not p.try_ci(b"RETURN "):
+        return None, None
+    p.open_paren()
+    opts: list[str] = []
+    partial: tuple[int, int] | None = None
+    while not p.try_(b")"):
+        if opts:
+            p.sp()
+        opt, rng = _return_opt(p)
+        if rng is not None:
+            partial = rng
+        opts.append(opt)
+    p.depth -= 1
+    p.sp()
+    return tuple(opts), partial
+
 def _search(p: _P, uid: bool) -> c.Search:
     charset: str | None = None
-    return_opts: tuple[str, ...] | None = None
-    partial: tuple[int, int] | None = None
     p.sp()
-    if p.try_ci(b"RETURN "):  # RFC 4731 §3
-        p.open_paren()
-        opts: list[str] = []
-        while not p.try_(b")"):
-            if opts:
-                p.sp()
-            opt, rng = _return_opt(p)
-            if rng is not None:
-                partial = rng
-            opts.append(opt)
-        p.depth -= 1
-        return_opts = tuple(opts)
-        p.sp()
+    return_opts, partial = _return_opts(p)  # RFC 4731 §3
     if p.try_ci(b"CHARSET "):
         charset = p.astring().upper()
         p.sp()
@@ -924,21 +930,7 @@ def _esearch(p: _P) -> c.ESearch:
                 raise p.fail("unknown scope option")  # §4: none are defined
         p.depth -= 1
         p.sp()
-    return_opts: tuple[str, ...] | None = None
-    partial: tuple[int, int] | None = None
-    if p.try_ci(b"RETURN "):
-        p.open_paren()
-        opts: list[str] = []
-        while not p.try_(b")"):
-            if opts:
-                p.sp()
-            opt, rng = _return_opt(p)
-            if rng is not None:
-                partial = rng
-            opts.append(opt)
-        p.depth -= 1
-        return_opts = tuple(opts)
-        p.sp()
+    return_opts, partial = _return_opts(p)
     charset: str | None = None
     if p.try_ci(b"CHARSET "):
         charset = p.astring().upper()
@@ -1064,21 +1056,7 @@ _SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"
 def _sort(p: _P, uid: bool) -> c.Sort:
     """RFC 5256 §3: SORT [RETURN (...)] (criteria) charset search-key... (RFC 5267 ESORT)."""
     p.sp()
-    return_opts: tuple[str, ...] | None = None
-    partial: tuple[int, int] | None = None
-    if p.try_ci(b"RETURN "):
-        p.open_paren()
-        opts: list[str] = []
-        while not p.try_(b")"):
-            if opts:
-                p.sp()
-            opt, rng = _return_opt(p)
-            if rng is not None:
-                partial = rng
-            opts.append(opt)
-        p.depth -= 1
-        return_opts = tuple(opts)
-        p.sp()
+    return_opts, partial = _return_opts(p)
     p.open_paren()
     criteria: list[tuple[str, bool]] = []
     reverse = False
