@@ -192,7 +192,7 @@ def pg_schema_for(path: Path) -> str:
 
 
 # Keyword arguments only the embedded store knows (PostgreSQL commits each write itself).
-_SQLITE_ONLY_KW = ("group_commit_max", "batch_sync")
+_SQLITE_ONLY_KW = ("group_commit_max", "batch_sync", "inline_max", "background_max", "background_idle")
 
 
 def new_store(path: Path, *, backend_name: str | None = None, **kw: Any) -> Store:

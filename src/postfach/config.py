@@ -57,6 +57,9 @@ class StoreConfig:
     dsn: str = ""  # postgres
     schema: str = ""  # postgres: the schema holding postfach's tables (made when missing); "": the default (public)
     group_commit_max: int = 256  # writes that may share one commit
+    # sqlite: messages up to this size live inside the database, so one commit (one fsync) stores
+    # them; bigger ones get a file of their own under blobs/. 0: every message in a file.
+    inline_max_bytes: int = 65536
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,8 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: imap.metadata_max_account_entries: below metadata_max_mailbox_entries")
     if not 1 <= cfg.smtp.srs_max_age_days < 1024:
         raise ConfigError(f"{where}: smtp.srs_max_age_days: must be 1 to 1023 (the SRS timestamp wraps at 1024 days)")
+    if cfg.store.inline_max_bytes > 16 * 1024 * 1024:
+        raise ConfigError(f"{where}: store.inline_max_bytes: at most 16777216 (bigger messages belong in files)")
     if cfg.store.backend == "postgres" and not cfg.store.dsn:
         raise ConfigError(f'{where}: store.dsn: required when store.backend is "postgres"')
     if cfg.store.schema and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", cfg.store.schema):

@@ -33,13 +33,21 @@ def new_store(backend: str, path: Path, **kw: Any) -> Store:
 
 
 @asynccontextmanager
-async def opened(backend: str, path: Path, **kw: int) -> AsyncIterator[Store]:
+async def opened(backend: str, path: Path, **kw: float) -> AsyncIterator[Store]:
     store = new_store(backend, path, **kw)
     await store.open()
     try:
         yield store
     finally:
         await store.close()
+
+
+async def index_settled(store: Store) -> None:
+    """The embedded store adds the full-text rows of new mail a moment after the commit (its
+    writer's background flush); PostgreSQL in the write itself. Returns when they are in."""
+    flush = getattr(store, "flush_index", None)
+    if flush is not None:
+        await flush()
 
 
 def msg(n: int, size: int = 0, tag: str = "") -> bytes:

@@ -98,7 +98,7 @@ async def test_one_failure_does_not_fail_its_batch(tmp_path: Path) -> None:
 
 @pytest.mark.sqlite_only("blob files on disk and the refcount column of meta.sqlite3")
 async def test_blob_dedup_and_refcount(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path, inline_max=0)  # blob files (small messages otherwise go inline)
     await store.open()
     try:
         a, ainbox = await account_with_inbox(store, "a@example.com")
@@ -253,7 +253,7 @@ async def test_group_commit_batches(tmp_path: Path) -> None:
 @pytest.mark.sqlite_only("fsync of the embedded store's blob files")
 async def test_per_file_sync_mode(tmp_path: Path) -> None:
     """Without syncfs (other platforms): fsync of file and folder per blob, same guarantees."""
-    store = SqliteStore(tmp_path, batch_sync=False)
+    store = SqliteStore(tmp_path, batch_sync=False, inline_max=0)  # blob files (small messages otherwise go inline)
     await store.open()
     try:
         assert not store._blobs.batch_sync
@@ -302,7 +302,7 @@ async def test_cancelled_callers_leave_a_consistent_store(tmp_path: Path) -> Non
 
 @pytest.mark.sqlite_only("blob files kept on disk for a backup of the embedded store")
 async def test_blob_gc_paused_keeps_files_for_a_backup(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path, inline_max=0)  # blob files (small messages otherwise go inline)
     await store.open()
     try:
         aid, inbox = await account_with_inbox(store)

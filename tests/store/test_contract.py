@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -679,11 +680,14 @@ async def test_check_finds_problems_and_recount(tmp_path: Path) -> None:
 
 async def _check_finds_problems_and_recount(store: Store, tmp_path: Path) -> None:
     aid, inbox = await account_with_inbox(store)
-    r = await store.append(aid, inbox, msg(1))
+    big = msg(1, 70_000)  # above inline_max: a file of its own
+    r = await store.append(aid, inbox, big)
+    small = msg(2)  # inline: its bytes live in meta.sqlite3
+    r2 = await store.append(aid, inbox, small)
     assert await store.check() == []
     (meta,) = await store.get_messages(aid, inbox, [r.uid])
     blob_file = tmp_path / "store" / "blobs" / meta.blob_id[:2] / meta.blob_id[2:4] / meta.blob_id
-    assert blob_file.read_bytes() == msg(1)
+    assert blob_file.read_bytes() == big
     orphan = tmp_path / "store" / "blobs" / "00" / "00" / ("00" * 32)
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"x")
@@ -695,7 +699,18 @@ async def _check_finds_problems_and_recount(store: Store, tmp_path: Path) -> Non
     blob_file.write_bytes(good)
     orphan.unlink()
     assert await store.check() == []
-    assert await store.recount_usage(aid) == (len(msg(1)), 1)
+    # The inline bytes are checked the same way.
+    (meta2,) = await store.get_messages(aid, inbox, [r2.uid])
+    assert not (tmp_path / "store" / "blobs" / meta2.blob_id[:2] / meta2.blob_id[2:4] / meta2.blob_id).exists()
+    with sqlite3.connect(tmp_path / "store" / "meta.sqlite3") as db:
+        db.execute("UPDATE blob_inline SET data = ? WHERE id = ?", (b"tampered", meta2.blob_id))
+    problems = await store.check()
+    assert sorted(p.kind for p in problems) == ["bad-hash", "bad-size"]
+    assert all(meta2.blob_id in p.detail for p in problems)
+    with sqlite3.connect(tmp_path / "store" / "meta.sqlite3") as db:
+        db.execute("UPDATE blob_inline SET data = ? WHERE id = ?", (small, meta2.blob_id))
+    assert await store.check() == []
+    assert await store.recount_usage(aid) == (len(big) + len(small), 2)
     with pytest.raises(NotFound):
         await store.recount_usage(AccountId(999))
 

@@ -100,7 +100,7 @@ async def _verify(tmp_path: Path, aid: AccountId, inbox: MailboxId, acked: dict[
 @pytest.mark.asyncio
 @pytest.mark.sqlite_only("ENOSPC while writing the embedded store's blob files")
 async def test_enospc_while_writing_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path, inline_max=0)  # blob files (small messages otherwise go inline)
     await store.open()
     try:
         aid, inbox = await account_with_inbox(store)
@@ -128,7 +128,7 @@ async def test_enospc_while_writing_blob(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.mark.asyncio
 @pytest.mark.sqlite_only("EIO while writing the embedded store's blob files")
 async def test_eio_is_temporary_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path, inline_max=0)  # blob files (small messages otherwise go inline)
     await store.open()
     try:
         await account_with_inbox(store)
@@ -148,7 +148,7 @@ async def test_eio_is_temporary_too(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.asyncio
 @pytest.mark.sqlite_only("orphaned blob files of the embedded store")
 async def test_unclean_shutdown_orphans_removed_on_open(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path, inline_max=0)  # blob files (small messages otherwise go inline)
     await store.open()
     aid, inbox = await account_with_inbox(store)
     await store.append(aid, inbox, msg(1))
@@ -163,7 +163,7 @@ async def test_unclean_shutdown_orphans_removed_on_open(tmp_path: Path) -> None:
     half = p.parent / f".{orphan_id}.0123456789ab.tmp"
     half.write_bytes(b"half-written")
     (tmp_path / "dirty").touch()
-    store = SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path, inline_max=0)  # blob files (small messages otherwise go inline)
     await store.open()
     try:
         assert not p.exists() and not half.exists()
@@ -201,7 +201,7 @@ async def test_second_opener_shares_the_store(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 @pytest.mark.sqlite_only("the embedded store's syncfs barrier")
 async def test_failed_barrier_refuses_and_cleans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path, inline_max=0)  # blob files (small messages otherwise go inline)
     await store.open()
     try:
         aid, inbox = await account_with_inbox(store)

@@ -150,7 +150,7 @@ _GC_PAUSER = textwrap.dedent(
     from postfach.store.sqlite import SqliteStore
 
     async def main():
-        store = SqliteStore(sys.argv[1])
+        store = SqliteStore(sys.argv[1], inline_max=0)  # blob files (small messages otherwise go inline)
         await store.open()
         with store.blob_gc_paused():
             print("paused", flush=True)
@@ -163,7 +163,7 @@ _GC_PAUSER = textwrap.dedent(
 
 
 async def test_a_gc_pause_in_another_process_keeps_dead_blob_files(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
+    store = SqliteStore(tmp_path, inline_max=0)  # blob files (small messages otherwise go inline)
     await store.open()
     try:
         await store.add_domain("example.org")

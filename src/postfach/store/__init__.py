@@ -20,7 +20,11 @@ def open_store(config: Config) -> Store:
     if backend == "sqlite":
         from postfach.store.sqlite import SqliteStore
 
-        return SqliteStore(config.path(config.store.path), group_commit_max=config.store.group_commit_max)
+        return SqliteStore(
+            config.path(config.store.path),
+            group_commit_max=config.store.group_commit_max,
+            inline_max=config.store.inline_max_bytes,
+        )
     if backend == "postgres":
         if not config.store.dsn:
             raise StoreError('[store] backend = "postgres" needs dsn = "postgresql://user@host/dbname"')

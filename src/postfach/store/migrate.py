@@ -185,7 +185,8 @@ class Source(Protocol):
 
 
 class SqliteSource:
-    """An embedded store folder, read in one read transaction (blobs are immutable files)."""
+    """An embedded store folder, read in one read transaction (blobs are immutable: rows of
+    ``blob_inline`` or files)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -195,6 +196,9 @@ class SqliteSource:
         self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("BEGIN")  # one snapshot for the whole copy
+        self._inline = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blob_inline'"
+        ).fetchone() is not None
 
     def close(self) -> None:
         self.conn.close()
@@ -204,6 +208,10 @@ class SqliteSource:
         return [{c: _neutral_from_sqlite(c, r[c]) for c in cols} for r in self.conn.execute(q)]
 
     async def blob_data(self, blob_id: str) -> bytes:
+        if self._inline:  # small messages live in the database (schema 6)
+            r = self.conn.execute("SELECT data FROM blob_inline WHERE id = ?", (blob_id,)).fetchone()
+            if r is not None:
+                return bytes(r[0])
         p = self.folder / "blobs" / blob_id[0:2] / blob_id[2:4] / blob_id
         try:
             return p.read_bytes()

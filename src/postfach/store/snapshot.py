@@ -287,6 +287,28 @@ def copy_database(meta: Path, dest: Path) -> None:
     _fsync_file(dest)
 
 
+def _write_file(dst: str, data: bytes) -> None:
+    """A new snapshot file with ``data``, durable (its folder is synced with the others)."""
+    tmp = dst + ".part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def _drop_inline(db_copy: Path) -> None:
+    """The snapshot keeps every blob as a file (placed above): the copy of the database drops the
+    inline bytes and shrinks, and a store restored from it starts with files."""
+    conn = sqlite3.connect(str(db_copy), isolation_level=None)
+    try:
+        conn.execute("DELETE FROM blob_inline")
+        conn.execute("VACUUM")
+    finally:
+        conn.close()
+    _fsync_file(db_copy)
+
+
 def _same_filesystem(a: Path, b: Path) -> bool:
     return a.stat().st_dev == b.stat().st_dev
 
@@ -357,16 +379,41 @@ def create_snapshot(
     lock = threading.Lock()
     abort = threading.Event()  # one group failed (disk full ...): the others stop too
     done = 0
+    has_inline = False  # the metadata copy has blob_inline (schema 6)
 
     def place_group(group: list[str], total: int) -> tuple[dict[str, int], int, int, int, list[str], list[str]]:
-        nonlocal done
         g_placed: dict[str, int] = {}
-        g_new = g_bytes = g_copied = 0
         g_missing: list[str] = []
         g_damaged: list[str] = []
         if not group:
             return g_placed, 0, 0, 0, g_missing, g_damaged
         os.makedirs(f"{dest_s}/{BLOB_DIR}/{group[0][0:2]}", exist_ok=True)
+        inline_conn: list[sqlite3.Connection] = []
+
+        def inline_data(blob_id: str) -> bytes | None:
+            if not has_inline:
+                return None
+            if not inline_conn:
+                inline_conn.append(_connect_ro(db_copy))
+            r = inline_conn[0].execute("SELECT data FROM blob_inline WHERE id = ?", (blob_id,)).fetchone()
+            return None if r is None else bytes(r[0])
+
+        try:
+            return place(group, g_placed, g_missing, g_damaged, inline_data, total)
+        finally:
+            for c in inline_conn:
+                c.close()
+
+    def place(
+        group: list[str],
+        g_placed: dict[str, int],
+        g_missing: list[str],
+        g_damaged: list[str],
+        inline_data: Callable[[str], bytes | None],
+        total: int,
+    ) -> tuple[dict[str, int], int, int, int, list[str], list[str]]:
+        nonlocal done
+        g_new = g_bytes = g_copied = 0
         for blob_id in group:
             if abort.is_set() or (cancel is not None and cancel.is_set()):
                 raise Cancelled("backup cancelled")
@@ -385,8 +432,14 @@ def create_snapshot(
             try:
                 was_copied, digest = _place(src, target, link=same_fs_store)
             except FileNotFoundError:
-                g_missing.append(blob_id)
-                continue
+                # A small message lives in the database (blob_inline, schema 6): the snapshot
+                # gets it as a file like any other, from the metadata copy.
+                data = inline_data(blob_id)
+                if data is None:
+                    g_missing.append(blob_id)
+                    continue
+                _write_file(target, data)
+                was_copied, digest = True, hashlib.sha256(data).hexdigest()
             if digest is None:  # hard-linked: hash the new blob once, here
                 digest, size = file_sha256(Path(target))
             else:
@@ -408,6 +461,7 @@ def create_snapshot(
         conn = _connect_ro(db_copy)
         try:
             wanted = referenced_blobs(conn)
+            has_inline = "blob_inline" in _tables(conn)
         finally:
             conn.close()
         groups: dict[str, list[str]] = {}
@@ -441,6 +495,8 @@ def create_snapshot(
         if blob_id not in prev_blobs:
             new_blobs -= 1
             new_bytes -= size
+    if has_inline:
+        _drop_inline(db_copy)
     conn = _connect_ro(db_copy)
     try:
         version = schema_version(conn)

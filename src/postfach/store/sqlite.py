@@ -21,10 +21,18 @@ Threads (the Datasette pattern):
   event loop's own read-only connection instead: ~20 µs, less than the hop to a thread.
 * a pool of **blob threads** that read message files.
 
-Durability (ARCHITECTURE.md invariant 1), in the writer, per batch: first the blob barrier (one
-``syncfs(2)`` covering every file and folder the batch's requests wrote — see blobs.py; on
-platforms without it each ingest thread fsyncs its file and folder instead), then ``BEGIN
-IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``; only then are the callers answered. The batch
+Message bytes: up to ``inline_max`` (64 KiB) in ``blob_inline``, inside the same transaction as
+the rows; bigger ones as files (blobs.py). See docs/architecture.md, "Message bytes".
+
+Durability (ARCHITECTURE.md invariant 1), in the writer, per batch: first, if any request of the
+batch wrote a blob file, the blob barrier (one ``syncfs(2)`` covering every file and folder
+written so far — see blobs.py; on platforms without it each ingest thread fsyncs its file and
+folder instead), then ``BEGIN IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``; only then are
+the callers answered. A batch of small messages is one commit: one fsync of the WAL.
+
+Full-text rows of new blobs are not part of those commits: the writer keeps them
+(``_index_pending``) and adds them in a transaction of their own once ``background_max`` have
+gathered, after ``background_idle`` without writes, or at close (``_flush_background``). The batch
 first runs without savepoints; if a request fails it is rolled back and run again with a
 SAVEPOINT per request, so one failure never fails its neighbours.
 
@@ -290,10 +298,14 @@ _FTS_INSERT = (
 )
 
 
-def _blob_row(b: _Blob) -> tuple[str, int, bytes | None, int | None, int | None]:
+def _blob_row(b: _Blob, index_now: bool = True) -> tuple[str, int, bytes | None, int | None, int | None]:
     """Parameters of the blob INSERT: fts is 1 when the index rows come along, else NULL (a
-    blob ingested without a parse is indexed later by the backfill)."""
-    return (b.id, b.size, b.info, b.wire, 1 if b.index is not None else None)
+    blob ingested without a parse, or whose index rows the writer adds later, is indexed by the
+    writer's background flush or the backfill)."""
+    return (b.id, b.size, b.info, b.wire, 1 if index_now and b.index is not None else None)
+
+
+_INLINE_INSERT = "INSERT INTO blob_inline (id, data) VALUES (?, ?) ON CONFLICT(id) DO NOTHING"
 
 
 def _backfill_write(blobs: Sequence[_Blob], failed: Sequence[str]) -> Callable[[_Tx], None]:
@@ -335,6 +347,7 @@ class _Tx:
     changes: list[Change] = field(default_factory=list)
     dead_blobs: set[str] = field(default_factory=set)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    index_later: list[_Blob] = field(default_factory=list)  # index rows for the background flush
 
 
 @dataclass(slots=True)
@@ -346,6 +359,7 @@ class _WriteRequest:
     finished: bool = False  # _finish ran for it (pins released exactly once)
     error: BaseException | None = None  # failed before the writer (blob files): no SQL, just clean up
     append: _AppendSpec | None = None  # an append the writer may merge with its neighbours
+    barrier: bool = True  # blob files of its own to sync before the commit (False: all inline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +393,7 @@ class _Blob:
     info: bytes | None
     wire: int | None = None  # WIRE_* bits (base.py); None when not learned (rows of older copies)
     index: tuple[SortRow, IndexText] | None = None  # sort keys and index text (None: not parsed)
+    inline: bytes | None = None  # the bytes, when they live in blob_inline rather than a file
 
 
 class _MaildropLock:
@@ -422,11 +437,16 @@ class _MaildropLock:
 
 
 class _FileBlobReader:
-    def __init__(self, store: SqliteStore, blob_id: str, size: int, wire: int | None = None) -> None:
+    """A blob's bytes in pieces: from its file, or (inline blobs, schema 6) from memory."""
+
+    def __init__(
+        self, store: SqliteStore, blob_id: str, size: int, wire: int | None = None, data: bytes | None = None
+    ) -> None:
         self._store = store
         self._blob_id = blob_id
         self._size = size
         self.wire = wire  # WIRE_* bits (base.py), None when not known
+        self._data = data
 
     @property
     def size(self) -> int:
@@ -435,6 +455,8 @@ class _FileBlobReader:
     async def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
+        if self._data is not None:
+            return self._data[offset : offset + length]
         return await self._store._in_blob_thread(self._store._blobs.read_range, self._blob_id, offset, length)
 
     async def close(self) -> None:
@@ -538,6 +560,9 @@ class SqliteStore:
         checkpoint_interval: float = 0.25,
         wal_autocheckpoint_pages: int = 1000,
         wal_size_limit: int = 64 * 1024 * 1024,
+        inline_max: int = 64 * 1024,
+        background_max: int = 256,
+        background_idle: float = 0.05,
     ) -> None:
         self.path = Path(path)
         self.group_commit_max = max(1, group_commit_max)
@@ -602,6 +627,15 @@ class SqliteStore:
         self.backfill_batch = backfill_batch
         self.backfilled = 0  # blobs the backfill has indexed (or found unindexable) since open
         self._blob_open_sql = ""
+        # Messages up to ``inline_max`` bytes live in blob_inline (schema 6), not in a file.
+        self.inline_max = max(0, inline_max)
+        self.has_inline = False
+        # Index rows of new blobs wait in ``_index_pending`` (writer thread only) and go in with
+        # one transaction (_flush_background) once ``background_max`` have gathered or the
+        # writer has been idle ``background_idle`` s. background_max=1: in the write itself.
+        self.background_max = max(1, background_max)
+        self.background_idle = background_idle
+        self._index_pending: list[_Blob] = []
 
     # ------------------------------------------------------------------------------- lifecycle
     async def open(self) -> None:
@@ -674,7 +708,15 @@ class SqliteStore:
                         else "INSERT INTO blob (id, size, refcount, info) SELECT ?, ?, 1, ?"
                         " WHERE (? IS NULL OR 1) AND (? IS NULL OR 1)"
                     ) + " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1"
-                self._blob_open_sql = f"SELECT size, {wire_col} FROM blob WHERE id = ?"
+                self._blob_open_sql = f"SELECT size, {wire_col}, NULL FROM blob WHERE id = ?"
+                self.has_inline = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blob_inline'"
+                ).fetchone() is not None
+                if self.has_inline:  # the bytes of a small blob come along with its row
+                    self._blob_open_sql = (
+                        f"SELECT b.size, {'b.wire' if has_wire else 'NULL'}, i.data FROM blob b"
+                        " LEFT JOIN blob_inline i ON i.id = b.id WHERE b.id = ?"
+                    )
             except BaseException:
                 conn.close()
                 raise
@@ -988,7 +1030,7 @@ class SqliteStore:
             ids = tuple(b.id for b in blobs)
             self._wq.put(_WriteRequest(_abandoned, job.future, ids, ids, error=_translate(exc)))
             return
-        ids = tuple(b.id for b in blobs)
+        ids = tuple(b.id for b in blobs if b.inline is None)  # the pinned ones with files
         if job.abandoned:
             self._wq.put(_WriteRequest(_abandoned, job.future, ids, ids))
             return
@@ -999,12 +1041,19 @@ class SqliteStore:
                 spec = _AppendSpec(
                     aid, mid, name, tuple((b, f, d, None) for b, (f, d) in zip(blobs, meta, strict=True))
                 )
-        self._wq.put(_WriteRequest(fn, job.future, ids, ids, append=spec))
+        self._wq.put(_WriteRequest(fn, job.future, ids, ids, append=spec, barrier=bool(ids)))
 
     def _writer_main(self) -> None:
         stop = False
         while not stop:
-            first = self._wq.get()
+            if self._index_pending:
+                try:
+                    first = self._wq.get(timeout=self.background_idle)
+                except queue.Empty:
+                    self._flush_background()
+                    continue
+            else:
+                first = self._wq.get()
             if first is None:
                 break
             batch = [first]
@@ -1042,6 +1091,38 @@ class SqliteStore:
                     with contextlib.suppress(sqlite3.Error):
                         self._wconn.execute("ROLLBACK")
                 self._finish([(r, False, StoreError("internal store error"), None) for r in batch])
+            if len(self._index_pending) >= self.background_max:
+                self._flush_background()
+        if self._index_pending:
+            self._flush_background()  # closing: what is pending goes in before the writer stops
+
+    def _flush_background(self) -> None:
+        """The full-text and sort-key rows of new blobs, many at a time, in a transaction of their
+        own: outside the commits that deliveries wait for (FTS5 work was a third of each one).
+        Dovecot's indexer likewise indexes after delivery; until then searches scan the few
+        unindexed blobs (fts NULL), SORT and THREAD parse them. A failure or a crash leaves them
+        unindexed: the backfill at the next open takes them."""
+        pending, self._index_pending = self._index_pending, []
+
+        def fn(tx: _Tx) -> None:
+            try:
+                _backfill_write(pending, ())(tx)
+            except BaseException as exc:
+                log.warning("store %s: indexing %d new messages failed (the next open retries): %s",
+                            self.path, len(pending), exc)
+                raise
+
+        req = _WriteRequest(fn, None)
+        try:
+            try:
+                self._run_batch([req])
+            finally:
+                self._end_write_lock()
+        except BaseException:
+            log.exception("store writer: background flush failed unexpectedly")
+            if self._wconn is not None and self._wconn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._wconn.execute("ROLLBACK")
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, after taking ``write.lock``: when several processes write (``serve
@@ -1072,8 +1153,9 @@ class SqliteStore:
             if not batch:
                 self._finish(outcomes)
                 return
-        if any(r.pins for r in batch):
-            # Blob files of this batch become durable before the commit that refers to them.
+        if any(r.pins and r.barrier for r in batch):
+            # Blob files of this batch become durable before the commit that refers to them
+            # (inline blobs are durable with the commit itself).
             try:
                 self._blobs.barrier()
             except OSError as exc:
@@ -1265,6 +1347,7 @@ class SqliteStore:
                 "UPDATE account SET used_bytes = used_bytes + ?, used_messages = used_messages + ? WHERE id = ?",
                 (u[4], u[5], aid),
             )
+        later = self.has_index and self.background_max > 1  # index rows: background flush
         blob_rows: list[tuple[str, int, bytes | None, int | None, int | None]] = []
         new_blobs: list[_Blob] = []
         msg_rows: list[tuple[int, int, str, int, int, int, str, int, int, int]] = []
@@ -1273,7 +1356,7 @@ class SqliteStore:
             uid, modseq, uv = firsts[k]
             results: list[AppendResult] = []
             for blob, flags, idate, sdate in spec.entries:
-                blob_rows.append(_blob_row(blob))
+                blob_rows.append(_blob_row(blob, not later))
                 new_blobs.append(blob)
                 msg_rows.append(
                     (
@@ -1295,7 +1378,12 @@ class SqliteStore:
             tx.changes.append(Change(aid, ChangeKind.APPEND, mid, ModSeq(modseq), tuple(r.uid for r in results)))
             out.append((req, True, results, tx))
         conn.executemany(self._blob_insert_sql, blob_rows)
-        if self.has_index:
+        self._insert_inline(conn, new_blobs)
+        first_tx = out[0][3]
+        assert first_tx is not None
+        if later:
+            first_tx.index_later.extend(b for b in new_blobs if b.index is not None)
+        elif self.has_index:
             _insert_index(conn, new_blobs)
         conn.executemany(
             "INSERT INTO message (mailbox_id, uid, blob_id, size, internaldate, savedate, flags, seen, deleted,"
@@ -1316,6 +1404,8 @@ class SqliteStore:
             if ok and tx is not None:
                 changes.extend(tx.changes)
                 candidates |= tx.dead_blobs
+                if tx.index_later:
+                    self._index_pending.extend(tx.index_later)
                 for cb in tx.after_commit:
                     try:
                         cb()
@@ -1431,7 +1521,7 @@ class SqliteStore:
                 failed: list[str] = []
                 for blob_id in ids:
                     try:
-                        data = self._blobs.read(blob_id)
+                        data = self._blob_bytes_sync(conn, blob_id)
                     except (OSError, StoreError, NotFound):
                         failed.append(blob_id)  # checked by `postfach check`; scanned meanwhile
                         continue
@@ -1460,6 +1550,12 @@ class SqliteStore:
     # --------------------------------------------------------------------------------- ingest
     def _ingest_one(self, data: bytes) -> _Blob:
         blob_id = sha256_hex(data)
+        inline = data if self.has_inline and len(data) <= self.inline_max else None
+        if inline is not None:
+            # Small: the bytes go into the same transaction as the rows (no file, no pin: a
+            # concurrent delete of the same content is ordered by the writer).
+            info, index = _parse_for_ingest(data) if self.has_index else (_parse_info(data), None)
+            return _Blob(blob_id, len(data), info, wire_flags(data), index, inline)
         self._blobs.pin(blob_id)
         try:
             created = self._blobs.ensure(blob_id, data)
@@ -1468,15 +1564,25 @@ class SqliteStore:
             raise
         del created  # parsed either way: the row may be new even when the file is not
         info, index = _parse_for_ingest(data) if self.has_index else (_parse_info(data), None)
-        return _Blob(blob_id, len(data), info, wire_flags(data), index)
+        return _Blob(blob_id, len(data), info, wire_flags(data), index, inline)
 
     # ------------------------------------------------------------------ transaction building blocks
     def _incref(self, tx: _Tx, blobs: Sequence[_Blob]) -> None:
         # info is None when the file existed already (its row committed by a concurrent writer,
         # or removed meanwhile): message_info then parses on demand.
-        tx.conn.executemany(self._blob_insert_sql, [_blob_row(b) for b in blobs])
-        if self.has_index:
+        later = self.has_index and self.background_max > 1
+        tx.conn.executemany(self._blob_insert_sql, [_blob_row(b, not later) for b in blobs])
+        self._insert_inline(tx.conn, blobs)
+        if later:
+            tx.index_later.extend(b for b in blobs if b.index is not None)
+        elif self.has_index:
             _insert_index(tx.conn, blobs)
+
+    @staticmethod
+    def _insert_inline(conn: sqlite3.Connection, blobs: Sequence[_Blob]) -> None:
+        rows = [(b.id, b.inline) for b in blobs if b.inline is not None]
+        if rows:
+            conn.executemany(_INLINE_INSERT, rows)
 
     @staticmethod
     def _decref(tx: _Tx, counts: Counter[str]) -> None:
@@ -2389,19 +2495,47 @@ class SqliteStore:
     async def open_blob(self, blob_id: BlobId) -> _FileBlobReader:
         # Size and wire bits from the blob row (one indexed read, no thread hop); a file missing
         # behind the row's back shows up as NotFound at the first read.
-        def fn(conn: sqlite3.Connection) -> tuple[int, int | None] | None:
+        def fn(conn: sqlite3.Connection) -> tuple[int, int | None, bytes | None] | None:
             r = conn.execute(self._blob_open_sql, (blob_id,)).fetchall()
-            return (int(r[0][0]), r[0][1]) if r else None
+            return (int(r[0][0]), r[0][1], None if r[0][2] is None else bytes(r[0][2])) if r else None
 
         row = await self._point_read(fn)
         if row is None:
             raise NotFound("no such message data")
-        return _FileBlobReader(self, blob_id, row[0], row[1])
+        return _FileBlobReader(self, blob_id, row[0], row[1], row[2])
 
     async def read_blob(self, blob_id: BlobId) -> bytes:
+        if self.has_inline:
+            data = await self._point_read(lambda conn: self._inline_bytes(conn, blob_id))
+            if data is not None:
+                return data
         return await self._in_blob_thread(self._blobs.read, blob_id)
 
+    @staticmethod
+    def _inline_bytes(conn: sqlite3.Connection, blob_id: str) -> bytes | None:
+        r = conn.execute("SELECT data FROM blob_inline WHERE id = ?", (blob_id,)).fetchone()
+        return None if r is None else bytes(r[0])
+
+    def _blob_bytes_sync(self, conn: sqlite3.Connection, blob_id: str) -> bytes:
+        """A blob's bytes, inline or from its file (a thread with a connection of its own)."""
+        if self.has_inline:
+            data = self._inline_bytes(conn, blob_id)
+            if data is not None:
+                return data
+        return self._blobs.read(blob_id)
+
     # ------------------------------------------------------------------ full-text index, sort keys
+    async def flush_index(self) -> None:
+        """Index the new blobs the writer holds back for its next background flush, now; returns
+        when they are in (tests, and whoever wants the index complete at a given moment)."""
+
+        def fn(tx: _Tx) -> None:
+            pending, self._index_pending = self._index_pending, []  # the writer thread's own list
+            if pending:
+                _backfill_write(pending, ())(tx)
+
+        await self._write(fn)
+
     async def search_index(
         self, account_id: AccountId, mailbox_id: MailboxId, terms: Sequence[tuple[str, str]]
     ) -> SearchHits | None:
@@ -2822,13 +2956,18 @@ class SqliteStore:
                         Problem("refcount", f"blob {blob_id}: refcount {refcount}, references {refs.get(blob_id, 0)}")
                     )
                 p = self._blobs.path_for(blob_id)
+                inline = self._inline_bytes(conn, blob_id) if self.has_inline else None
                 try:
                     h = hashlib.sha256()
                     n = 0
-                    with p.open("rb") as f:
-                        while chunk := f.read(1 << 20):
-                            h.update(chunk)
-                            n += len(chunk)
+                    if inline is not None:
+                        h.update(inline)
+                        n = len(inline)
+                    else:
+                        with p.open("rb") as f:
+                            while chunk := f.read(1 << 20):
+                                h.update(chunk)
+                                n += len(chunk)
                 except FileNotFoundError:
                     problems.append(Problem("missing-blob", f"blob {blob_id}: file {p} is missing"))
                     continue
@@ -2836,7 +2975,8 @@ class SqliteStore:
                     problems.append(Problem("unreadable-blob", f"blob {blob_id}: {exc}"))
                     continue
                 if h.hexdigest() != blob_id:
-                    problems.append(Problem("bad-hash", f"blob {blob_id}: file content has sha256 {h.hexdigest()}"))
+                    where = "stored bytes" if inline is not None else "file content"
+                    problems.append(Problem("bad-hash", f"blob {blob_id}: {where} has sha256 {h.hexdigest()}"))
                 if n != size:
                     problems.append(Problem("bad-size", f"blob {blob_id}: row says {size} bytes, file has {n}"))
             if self.has_index:
