@@ -1,6 +1,8 @@
 """Local delivery throughput: N parallel SMTP connections (MX listener, loopback) sending 4 KiB
-messages to a local account, every one durable (SQLite synchronous=FULL + fsynced blobs) before
-its 250. The clients run in a separate process so that they do not share the server's event loop.
+messages to a local account, every one durable before its 250 (SQLite commits with
+synchronous=FULL: inline.sqlite3 for messages up to 64 KiB, then the metadata; bigger ones are
+synced files). The clients run in a separate process so that they do not share the server's
+event loop.
 
     PYTHONPATH=src .venv/bin/python bench/smtp_bench.py [--messages 3000] [--connections 10] [--size 4096]
 

@@ -57,8 +57,8 @@ class StoreConfig:
     dsn: str = ""  # postgres
     schema: str = ""  # postgres: the schema holding postfach's tables (made when missing); "": the default (public)
     group_commit_max: int = 256  # writes that may share one commit
-    # sqlite: messages up to this size live inside the database, so one commit (one fsync) stores
-    # them; bigger ones get a file of their own under blobs/. 0: every message in a file.
+    # sqlite: messages up to this size go into inline.sqlite3 (one commit stores a batch of them),
+    # bigger ones into files of their own under blobs/; 0: every message in a file
     inline_max_bytes: int = 65536
 
 
@@ -498,7 +498,8 @@ _SECTION_DOCS: dict[str, str] = {
         " counted over all workers (by the supervisor); `max_connections_per_account` and login"
         " throttling/lockout are counted per worker: with N workers up to N times those limits."
     ),
-    "store": "Where mail is kept.",
+    "store": "Where mail is kept. Embedded store: messages up to `inline_max_bytes` in `inline.sqlite3` "
+    "(a batch of them stored by one commit), bigger ones as files under `blobs/`; 0 puts every message in a file.",
     "tls": "Certificate and key (PEM); reloaded on SIGHUP.",
     "auth": "Logins: where passwords may travel without TLS, throttling and lockout, hashing cost.",
     "limits": "Every limit a client can run into.",

@@ -682,7 +682,7 @@ async def _check_finds_problems_and_recount(store: Store, tmp_path: Path) -> Non
     aid, inbox = await account_with_inbox(store)
     big = msg(1, 70_000)  # above inline_max: a file of its own
     r = await store.append(aid, inbox, big)
-    small = msg(2)  # inline: its bytes live in meta.sqlite3
+    small = msg(2)  # inline: its bytes live in inline.sqlite3
     r2 = await store.append(aid, inbox, small)
     assert await store.check() == []
     (meta,) = await store.get_messages(aid, inbox, [r.uid])
@@ -702,12 +702,12 @@ async def _check_finds_problems_and_recount(store: Store, tmp_path: Path) -> Non
     # The inline bytes are checked the same way.
     (meta2,) = await store.get_messages(aid, inbox, [r2.uid])
     assert not (tmp_path / "store" / "blobs" / meta2.blob_id[:2] / meta2.blob_id[2:4] / meta2.blob_id).exists()
-    with sqlite3.connect(tmp_path / "store" / "meta.sqlite3") as db:
+    with sqlite3.connect(tmp_path / "store" / "inline.sqlite3") as db:
         db.execute("UPDATE blob_inline SET data = ? WHERE id = ?", (b"tampered", meta2.blob_id))
     problems = await store.check()
     assert sorted(p.kind for p in problems) == ["bad-hash", "bad-size"]
     assert all(meta2.blob_id in p.detail for p in problems)
-    with sqlite3.connect(tmp_path / "store" / "meta.sqlite3") as db:
+    with sqlite3.connect(tmp_path / "store" / "inline.sqlite3") as db:
         db.execute("UPDATE blob_inline SET data = ? WHERE id = ?", (small, meta2.blob_id))
     assert await store.check() == []
     assert await store.recount_usage(aid) == (len(big) + len(small), 2)

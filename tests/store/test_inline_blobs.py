@@ -1,7 +1,8 @@
-"""Small messages stored inside meta.sqlite3 (schema 6, ``blob_inline``): no file, no folder entry
-and no filesystem sync per delivery, one commit makes them durable. Bigger ones keep their file.
-Both kinds read the same, share by content, go away with their last reference, survive an upgrade
-from file-only stores, and leave the store as files in a backup."""
+"""Small messages stored in the database ``inline.sqlite3`` beside meta.sqlite3: no file, no
+folder entry and no filesystem sync per delivery; their bytes are committed just before the
+metadata. Bigger ones keep their file. Both kinds read the same, share by content, go away with
+their last reference, survive an upgrade from file-only stores and a crash between the two
+commits, and leave the store as files in a backup."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from pathlib import Path
 import pytest
 from tests.store.storehelpers import account_with_inbox, msg
 
-from postfach.errors import NotFound
+from postfach.errors import NotFound, QuotaExceeded
 from postfach.store import snapshot
 from postfach.store.blobs import FileBlobStore
 from postfach.store.sqlite import SqliteStore
 from postfach.types import BlobId, Uid
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.sqlite_only("the embedded store's blob_inline table")]
+pytestmark = [pytest.mark.timeout(60), pytest.mark.sqlite_only("the embedded store's inline.sqlite3")]
 
 
 def blob_file(store_dir: Path, blob_id: str) -> Path:
@@ -27,7 +28,7 @@ def blob_file(store_dir: Path, blob_id: str) -> Path:
 
 
 def inline_rows(store_dir: Path) -> dict[str, bytes]:
-    with sqlite3.connect(store_dir / "meta.sqlite3") as db:
+    with sqlite3.connect(store_dir / "inline.sqlite3") as db:
         return {r[0]: bytes(r[1]) for r in db.execute("SELECT id, data FROM blob_inline")}
 
 
@@ -89,7 +90,7 @@ async def test_inline_deliveries_commit_without_a_filesystem_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The point of inline blobs: a batch of small messages needs no syncfs before its commit (the
-    bytes are in the WAL the commit fsyncs); one big message brings the barrier back."""
+    bytes are committed to inline.sqlite3 first); one big message brings the barrier back."""
     calls: list[int] = []
     real = FileBlobStore.barrier
 
@@ -158,8 +159,9 @@ async def test_a_backup_holds_inline_messages_as_files_and_restores_them(tmp_pat
         assert set(result.blobs) == ids
         for blob_id in ids:
             assert (snap / snapshot.blob_relpath(blob_id)).read_bytes() in datas
-        with sqlite3.connect(snap / snapshot.META_NAME) as db:  # the copy keeps no second set of bytes
-            assert db.execute("SELECT count(*) FROM blob_inline").fetchone()[0] == 0
+        assert not (snap / "inline.sqlite3").exists()  # the files are the snapshot's copy
+        with sqlite3.connect(snap / snapshot.META_NAME) as db:
+            assert db.execute("SELECT count(*) FROM message").fetchone()[0] == len(datas)
         assert snapshot.verify_files(snap, result.blobs, None) == []
         # A second snapshot links the first one's files, inline or not.
         newer = msg(60, 1500)
@@ -182,3 +184,50 @@ async def test_a_backup_holds_inline_messages_as_files_and_restores_them(tmp_pat
         assert await back.check() == []
     finally:
         await back.close()
+
+
+@pytest.mark.asyncio
+async def test_inline_bytes_without_their_metadata_are_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write whose metadata fails after its bytes were committed (here: over quota; in a crash:
+    the commit that never came) leaves no bytes behind: removed at once, or at the next open."""
+    store = SqliteStore(tmp_path)
+    await store.open()
+    try:
+        aid, inbox = await account_with_inbox(store)
+        await store.set_quota(aid, 5000, None)
+        await store.append(aid, inbox, msg(1, 3000))
+        with pytest.raises(QuotaExceeded):
+            await store.append(aid, inbox, msg(2, 3000))
+        assert len(inline_rows(tmp_path)) == 1
+        assert await store.check() == []
+    finally:
+        await store.close()
+    # A crash between the two commits: bytes in inline.sqlite3, no row refers to them.
+    stray = msg(3, 2000)
+    stray_id = hashlib.sha256(stray).hexdigest()
+    with sqlite3.connect(tmp_path / "inline.sqlite3") as db:
+        db.execute("INSERT INTO blob_inline (id, data) VALUES (?, ?)", (stray_id, stray))
+    again = SqliteStore(tmp_path)
+    await again.open()
+    try:
+        problems = await again.check()
+        assert [p.kind for p in problems] == ["orphan-blob"] and stray_id in problems[0].detail
+    finally:
+        await again.close()
+    (tmp_path / "dirty").touch()  # as a crash leaves it
+    third = SqliteStore(tmp_path)
+    await third.open()
+    try:
+        assert stray_id not in inline_rows(tmp_path)
+        assert await third.check() == []
+    finally:
+        await third.close()
+
+
+def test_the_config_sets_the_inline_limit(tmp_path: Path) -> None:
+    from postfach.config import Config, StoreConfig
+    from postfach.store import open_store
+
+    store = open_store(Config(data_dir=tmp_path, store=StoreConfig(inline_max_bytes=0)))
+    assert isinstance(store, SqliteStore) and store.inline_max == 0
+    assert isinstance(default := open_store(Config(data_dir=tmp_path)), SqliteStore) and default.inline_max == 65536

@@ -196,20 +196,24 @@ class SqliteSource:
         self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("BEGIN")  # one snapshot for the whole copy
-        self._inline = self.conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blob_inline'"
-        ).fetchone() is not None
+        # Small messages live in inline.sqlite3 (store/sqlite.py), bigger ones in files.
+        inline = folder / "inline.sqlite3"
+        self._inline: sqlite3.Connection | None = None
+        if inline.exists():
+            self._inline = sqlite3.connect(f"file:{inline}?mode=ro", uri=True, isolation_level=None)
 
     def close(self) -> None:
         self.conn.close()
+        if self._inline is not None:
+            self._inline.close()
 
     async def rows(self, table: str, cols: Sequence[str]) -> list[Row]:
         q = f"SELECT {', '.join(cols)} FROM {table}"
         return [{c: _neutral_from_sqlite(c, r[c]) for c in cols} for r in self.conn.execute(q)]
 
     async def blob_data(self, blob_id: str) -> bytes:
-        if self._inline:  # small messages live in the database (schema 6)
-            r = self.conn.execute("SELECT data FROM blob_inline WHERE id = ?", (blob_id,)).fetchone()
+        if self._inline is not None:
+            r = self._inline.execute("SELECT data FROM blob_inline WHERE id = ?", (blob_id,)).fetchone()
             if r is not None:
                 return bytes(r[0])
         p = self.folder / "blobs" / blob_id[0:2] / blob_id[2:4] / blob_id

@@ -43,6 +43,8 @@ from typing import Any
 from postfach.errors import PostfachError
 
 META_NAME = "meta.sqlite3"
+#: The store's small messages (store/sqlite.py); a snapshot holds them as files like the others.
+INLINE_DB = "inline.sqlite3"
 META_GZ = META_NAME + ".gz"  # older snapshots keep their metadata compressed (see compress_database)
 BLOB_DIR = "blobs"
 _CHUNK = 1 << 20
@@ -297,16 +299,11 @@ def _write_file(dst: str, data: bytes) -> None:
     os.replace(tmp, dst)
 
 
-def _drop_inline(db_copy: Path) -> None:
-    """The snapshot keeps every blob as a file (placed above): the copy of the database drops the
-    inline bytes and shrinks, and a store restored from it starts with files."""
-    conn = sqlite3.connect(str(db_copy), isolation_level=None)
-    try:
-        conn.execute("DELETE FROM blob_inline")
-        conn.execute("VACUUM")
-    finally:
-        conn.close()
-    _fsync_file(db_copy)
+def _connect_live_ro(path: Path) -> sqlite3.Connection:
+    """A read-only look into a database a running store may be writing (WAL)."""
+    conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
+    conn.execute("PRAGMA query_only=1")
+    return conn
 
 
 def _same_filesystem(a: Path, b: Path) -> bool:
@@ -379,7 +376,7 @@ def create_snapshot(
     lock = threading.Lock()
     abort = threading.Event()  # one group failed (disk full ...): the others stop too
     done = 0
-    has_inline = False  # the metadata copy has blob_inline (schema 6)
+    inline_db = store_dir / INLINE_DB
 
     def place_group(group: list[str], total: int) -> tuple[dict[str, int], int, int, int, list[str], list[str]]:
         g_placed: dict[str, int] = {}
@@ -391,10 +388,10 @@ def create_snapshot(
         inline_conn: list[sqlite3.Connection] = []
 
         def inline_data(blob_id: str) -> bytes | None:
-            if not has_inline:
+            if not inline_db.is_file():
                 return None
             if not inline_conn:
-                inline_conn.append(_connect_ro(db_copy))
+                inline_conn.append(_connect_live_ro(inline_db))
             r = inline_conn[0].execute("SELECT data FROM blob_inline WHERE id = ?", (blob_id,)).fetchone()
             return None if r is None else bytes(r[0])
 
@@ -432,8 +429,9 @@ def create_snapshot(
             try:
                 was_copied, digest = _place(src, target, link=same_fs_store)
             except FileNotFoundError:
-                # A small message lives in the database (blob_inline, schema 6): the snapshot
-                # gets it as a file like any other, from the metadata copy.
+                # A small message lives in the store's inline.sqlite3: the snapshot gets it as a
+                # file like any other (a message expunged since the metadata copy is "missing":
+                # the next round copies the metadata again).
                 data = inline_data(blob_id)
                 if data is None:
                     g_missing.append(blob_id)
@@ -461,7 +459,6 @@ def create_snapshot(
         conn = _connect_ro(db_copy)
         try:
             wanted = referenced_blobs(conn)
-            has_inline = "blob_inline" in _tables(conn)
         finally:
             conn.close()
         groups: dict[str, list[str]] = {}
@@ -495,8 +492,6 @@ def create_snapshot(
         if blob_id not in prev_blobs:
             new_blobs -= 1
             new_bytes -= size
-    if has_inline:
-        _drop_inline(db_copy)
     conn = _connect_ro(db_copy)
     try:
         version = schema_version(conn)
@@ -922,6 +917,14 @@ def replace_account(snap: Path, store_dir: Path, address: str, *, snap_db: Path 
             raise
     for blob_id in gone:
         store_blob_path(store_dir, blob_id).unlink(missing_ok=True)
+    inline_db = store_dir / INLINE_DB
+    if gone and inline_db.is_file():
+        conn = sqlite3.connect(str(inline_db), timeout=60)
+        try:
+            with conn:
+                conn.executemany("DELETE FROM blob_inline WHERE id = ?", [(b,) for b in gone])
+        finally:
+            conn.close()
     return ReplaceResult(
         mailboxes=len(snap_mbox), messages=len(rows.get("message", [])), blobs_added=added, bumped_mailboxes=bumped
     )

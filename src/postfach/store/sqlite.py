@@ -21,14 +21,15 @@ Threads (the Datasette pattern):
   event loop's own read-only connection instead: ~20 µs, less than the hop to a thread.
 * a pool of **blob threads** that read message files.
 
-Message bytes: up to ``inline_max`` (64 KiB) in ``blob_inline``, inside the same transaction as
-the rows; bigger ones as files (blobs.py). See docs/architecture.md, "Message bytes".
+Message bytes: up to ``inline_max`` (64 KiB) in ``inline.sqlite3`` (a database of its own, so
+that the metadata stays small for backups); bigger ones as files (blobs.py). See
+docs/architecture.md, "Message bytes in the embedded store".
 
-Durability (ARCHITECTURE.md invariant 1), in the writer, per batch: first, if any request of the
-batch wrote a blob file, the blob barrier (one ``syncfs(2)`` covering every file and folder
-written so far — see blobs.py; on platforms without it each ingest thread fsyncs its file and
-folder instead), then ``BEGIN IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``; only then are
-the callers answered. A batch of small messages is one commit: one fsync of the WAL.
+Durability (ARCHITECTURE.md invariant 1), in the writer, per batch: first the batch's small
+messages, committed to inline.sqlite3 (``_commit_inline``, one fsync); if any request wrote a blob
+file, the blob barrier (one ``syncfs(2)`` covering every file and folder written so far — see
+blobs.py; on platforms without it each ingest thread fsyncs its file and folder instead); then
+``BEGIN IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``; only then are the callers answered.
 
 Full-text rows of new blobs are not part of those commits: the writer keeps them
 (``_index_pending``) and adds them in a transaction of their own once ``background_max`` have
@@ -272,12 +273,16 @@ def _gc_only(tx: _Tx) -> None:
     raise StoreError("no-op: only removes deferred blob files")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, inline: Path | None = None) -> sqlite3.Connection:
+    """A connection with our settings; ``inline``: the store's inline.sqlite3, attached as ``inl``
+    (reader connections, so that one SELECT can join a blob row with its bytes)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA busy_timeout = 30000")
+    if inline is not None:
+        conn.execute("ATTACH DATABASE ? AS inl", (str(inline),))
     return conn
 
 
@@ -305,6 +310,15 @@ def _blob_row(b: _Blob, index_now: bool = True) -> tuple[str, int, bytes | None,
     return (b.id, b.size, b.info, b.wire, 1 if index_now and b.index is not None else None)
 
 
+#: The bytes of small messages (see "Message bytes" in docs/architecture.md): a database of its own
+#: beside meta.sqlite3, so that the metadata (which backups copy whole, every day) stays small.
+INLINE_DB = "inline.sqlite3"
+_INLINE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS blob_inline ("
+    " seq INTEGER PRIMARY KEY,"
+    " id TEXT NOT NULL UNIQUE,"  # blob.id in meta.sqlite3: the sha256 of data
+    " data BLOB NOT NULL)"
+)
 _INLINE_INSERT = "INSERT INTO blob_inline (id, data) VALUES (?, ?) ON CONFLICT(id) DO NOTHING"
 
 
@@ -360,6 +374,7 @@ class _WriteRequest:
     error: BaseException | None = None  # failed before the writer (blob files): no SQL, just clean up
     append: _AppendSpec | None = None  # an append the writer may merge with its neighbours
     barrier: bool = True  # blob files of its own to sync before the commit (False: all inline)
+    inline: tuple[tuple[str, bytes], ...] = ()  # (blob id, bytes) for inline.sqlite3, before the commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +408,7 @@ class _Blob:
     info: bytes | None
     wire: int | None = None  # WIRE_* bits (base.py); None when not learned (rows of older copies)
     index: tuple[SortRow, IndexText] | None = None  # sort keys and index text (None: not parsed)
-    inline: bytes | None = None  # the bytes, when they live in blob_inline rather than a file
+    inline: bytes | None = None  # the bytes, when they live in inline.sqlite3 rather than a file
 
 
 class _MaildropLock:
@@ -437,7 +452,7 @@ class _MaildropLock:
 
 
 class _FileBlobReader:
-    """A blob's bytes in pieces: from its file, or (inline blobs, schema 6) from memory."""
+    """A blob's bytes in pieces: from its file, or (inline blobs) from memory."""
 
     def __init__(
         self, store: SqliteStore, blob_id: str, size: int, wire: int | None = None, data: bytes | None = None
@@ -627,9 +642,11 @@ class SqliteStore:
         self.backfill_batch = backfill_batch
         self.backfilled = 0  # blobs the backfill has indexed (or found unindexable) since open
         self._blob_open_sql = ""
-        # Messages up to ``inline_max`` bytes live in blob_inline (schema 6), not in a file.
+        # Messages up to ``inline_max`` bytes live in inline.sqlite3, not in a file of their own.
         self.inline_max = max(0, inline_max)
-        self.has_inline = False
+        self.has_inline = False  # inline.sqlite3 is open (always, once the store is)
+        self._inline_path = self.path / INLINE_DB
+        self._pconn: sqlite3.Connection | None = None  # the writer's connection to inline.sqlite3
         # Index rows of new blobs wait in ``_index_pending`` (writer thread only) and go in with
         # one transaction (_flush_background) once ``background_max`` have gathered or the
         # writer has been idle ``background_idle`` s. background_max=1: in the write itself.
@@ -691,7 +708,6 @@ class SqliteStore:
                 # migrations, by tests of upgrades): without it, readers scan as before.
                 cols = {r[1] for r in conn.execute("PRAGMA table_info(blob)")}
                 has_wire = "wire" in cols
-                wire_col = "wire" if has_wire else "NULL"
                 # The index comes with schema version 4: the same five parameters every time.
                 self.has_index = "fts" in cols
                 if self.has_index:
@@ -708,15 +724,12 @@ class SqliteStore:
                         else "INSERT INTO blob (id, size, refcount, info) SELECT ?, ?, 1, ?"
                         " WHERE (? IS NULL OR 1) AND (? IS NULL OR 1)"
                     ) + " ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1"
-                self._blob_open_sql = f"SELECT size, {wire_col}, NULL FROM blob WHERE id = ?"
-                self.has_inline = conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blob_inline'"
-                ).fetchone() is not None
-                if self.has_inline:  # the bytes of a small blob come along with its row
-                    self._blob_open_sql = (
-                        f"SELECT b.size, {'b.wire' if has_wire else 'NULL'}, i.data FROM blob b"
-                        " LEFT JOIN blob_inline i ON i.id = b.id WHERE b.id = ?"
-                    )
+                # The bytes of a small blob come along with its row (reader connections attach
+                # inline.sqlite3 as ``inl``).
+                self._blob_open_sql = (
+                    f"SELECT b.size, {'b.wire' if has_wire else 'NULL'}, i.data FROM blob b"
+                    " LEFT JOIN inl.blob_inline i ON i.id = b.id WHERE b.id = ?"
+                )
             except BaseException:
                 conn.close()
                 raise
@@ -726,6 +739,8 @@ class SqliteStore:
             conn.execute(f"PRAGMA wal_autocheckpoint = {int(self._wal_autocheckpoint)}")
             conn.execute(f"PRAGMA journal_size_limit = {int(self._wal_size_limit)}")
             self._wconn = conn
+            self._pconn = self._open_inline()
+            self.has_inline = True
             self._blobs.prepare(clean_tmp=exclusive, pin_file=self.path / "pins")
             self._gc_pause_fd = os.open(self.path / "gc.lock", os.O_RDWR | os.O_CREAT, 0o640)
             self._gc_probe_fd = os.open(self.path / "gc.lock", os.O_RDWR)
@@ -734,6 +749,7 @@ class SqliteStore:
             if exclusive:
                 if dirty.exists():
                     self._recover(conn)
+                    self._recover_inline()
                 dirty.touch()
                 with contextlib.suppress(OSError):
                     fsync_dir(self.path)
@@ -744,6 +760,9 @@ class SqliteStore:
             if self._wconn is not None:
                 self._wconn.close()
                 self._wconn = None
+            if self._pconn is not None:
+                self._pconn.close()
+                self._pconn = None
             self._blobs.close()
             self._close_gc_fds()
             os.close(self._lock_fd)
@@ -751,6 +770,37 @@ class SqliteStore:
             if isinstance(exc, (sqlite3.Error, OSError)):
                 raise _translate(exc) from exc
             raise
+
+    def _open_inline(self) -> sqlite3.Connection:
+        """The writer's connection to inline.sqlite3 (made when missing: stores from before it,
+        and restored ones, start empty)."""
+        pconn = _connect(self._inline_path)
+        try:
+            mode = pconn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self._inline_path}: cannot switch to WAL mode (got {mode})")
+            pconn.execute(_INLINE_SCHEMA)
+            pconn.execute(f"PRAGMA wal_autocheckpoint = {int(self._wal_autocheckpoint)}")
+            pconn.execute(f"PRAGMA journal_size_limit = {int(self._wal_size_limit)}")
+        except BaseException:
+            pconn.close()
+            raise
+        return pconn
+
+    def _recover_inline(self) -> None:
+        """After an unclean shutdown: drop inline bytes no blob row refers to (their commit in
+        inline.sqlite3 came, the metadata commit did not)."""
+        pconn = self._pconn
+        assert pconn is not None
+        pconn.execute("ATTACH DATABASE ? AS meta", (str(self._db_path),))
+        try:
+            n = pconn.execute(
+                "DELETE FROM main.blob_inline WHERE id NOT IN (SELECT id FROM meta.blob)"
+            ).rowcount
+        finally:
+            pconn.execute("DETACH DATABASE meta")
+        if n:
+            log.warning("store %s: removed %d unreferenced inline messages after an unclean shutdown", self.path, n)
 
     def _recover(self, conn: sqlite3.Connection) -> None:
         """After an unclean shutdown: remove temp files and blob files no row refers to (written
@@ -806,6 +856,11 @@ class SqliteStore:
                 self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._wconn.close()
             self._wconn = None
+        if self._pconn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._pconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._pconn.close()
+            self._pconn = None
         if self._lock_fd is not None:
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -888,7 +943,7 @@ class SqliteStore:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         try:
             if conn is None:
-                conn = _connect(self._db_path)
+                conn = _connect(self._db_path, self._inline_path)
                 conn.execute("PRAGMA query_only = ON")
                 self._local.conn = conn
                 with self._rconns_lock:
@@ -907,6 +962,7 @@ class SqliteStore:
     def _loop_connection(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False, timeout=0.0)
         conn.row_factory = sqlite3.Row
+        conn.execute("ATTACH DATABASE ? AS inl", (str(self._inline_path),))
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA busy_timeout = 0")
         return conn
@@ -1041,7 +1097,10 @@ class SqliteStore:
                 spec = _AppendSpec(
                     aid, mid, name, tuple((b, f, d, None) for b, (f, d) in zip(blobs, meta, strict=True))
                 )
-        self._wq.put(_WriteRequest(fn, job.future, ids, ids, append=spec, barrier=bool(ids)))
+        inline = tuple((b.id, b.inline) for b in blobs if b.inline is not None)
+        # new_blobs: what to remove again if the write fails (files, and inline bytes).
+        new = ids + tuple(i for i, _ in inline)
+        self._wq.put(_WriteRequest(fn, job.future, ids, new, append=spec, barrier=bool(ids), inline=inline))
 
     def _writer_main(self) -> None:
         stop = False
@@ -1091,6 +1150,7 @@ class SqliteStore:
                     with contextlib.suppress(sqlite3.Error):
                         self._wconn.execute("ROLLBACK")
                 self._finish([(r, False, StoreError("internal store error"), None) for r in batch])
+                self._end_write_lock()
             if len(self._index_pending) >= self.background_max:
                 self._flush_background()
         if self._index_pending:
@@ -1129,11 +1189,27 @@ class SqliteStore:
         --workers N``, the CLI beside the server), a waiting writer is woken by the kernel the
         moment the other one is done, where SQLite's busy handler would sleep 1, 2, 5, 10 ...
         ms between attempts. Released after the batch (``_end_write_lock``)."""
+        self._lock_writes()
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _lock_writes(self) -> None:
         fd = self._write_lock_fd
         if fd is not None and not self._write_locked:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._write_locked = True
-        conn.execute("BEGIN IMMEDIATE")
+
+    def _commit_inline(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        """Store small messages' bytes durably (one fsync of inline.sqlite3's WAL for the batch)."""
+        pconn = self._pconn
+        assert pconn is not None
+        pconn.execute("BEGIN IMMEDIATE")
+        try:
+            pconn.executemany(_INLINE_INSERT, rows)
+            pconn.execute("COMMIT")
+        finally:
+            if pconn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    pconn.execute("ROLLBACK")
 
     def _end_write_lock(self) -> None:
         if self._write_locked:
@@ -1162,6 +1238,20 @@ class SqliteStore:
                 err = _translate(exc)
                 outcomes += [(r, False, err, None) for r in batch if r.pins]
                 batch = [r for r in batch if not r.pins]
+                if not batch:
+                    self._finish(outcomes)
+                    return
+        if any(r.inline for r in batch):
+            # Small messages' bytes first, in inline.sqlite3, under the write lock: committed
+            # before the metadata that refers to them (a crash between leaves bytes nobody refers
+            # to, dropped at the next open), and no other process removes them meanwhile.
+            try:
+                self._lock_writes()
+                self._commit_inline([row for r in batch for row in r.inline])
+            except (sqlite3.Error, OSError) as exc:
+                err = _translate(exc)
+                outcomes += [(r, False, err, None) for r in batch if r.inline]
+                batch = [r for r in batch if not r.inline]
                 if not batch:
                     self._finish(outcomes)
                     return
@@ -1378,7 +1468,6 @@ class SqliteStore:
             tx.changes.append(Change(aid, ChangeKind.APPEND, mid, ModSeq(modseq), tuple(r.uid for r in results)))
             out.append((req, True, results, tx))
         conn.executemany(self._blob_insert_sql, blob_rows)
-        self._insert_inline(conn, new_blobs)
         first_tx = out[0][3]
         assert first_tx is not None
         if later:
@@ -1438,7 +1527,7 @@ class SqliteStore:
                 self._ckpt_wake.clear()  # commits from now on ask for the next round
                 try:
                     if conn is None:
-                        conn = _connect(self._db_path)
+                        conn = _connect(self._db_path, self._inline_path)  # checkpoints both
                     row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.last_checkpoint = (int(row[0]), int(row[1]), int(row[2]))
                 except sqlite3.Error as exc:  # the writer's automatic checkpoint still runs
@@ -1458,6 +1547,11 @@ class SqliteStore:
                 self._gc_deferred = set()
         conn = self._wconn
         assert conn is not None
+        # The check and the removals under the write lock (a batch holds it already; clean-up
+        # requests take it here; the writer loop releases it): no other process commits a new
+        # reference to the same bytes in between.
+        self._lock_writes()
+        dead: list[str] = []
         for blob_id in candidates:
             try:
                 row = conn.execute("SELECT 1 FROM blob WHERE id = ?", (blob_id,)).fetchone()
@@ -1465,6 +1559,23 @@ class SqliteStore:
                 continue
             if row is None:
                 self._blobs.remove_if_unpinned(blob_id)
+                dead.append(blob_id)
+        if dead and self._pconn is not None:
+            # Not synced: bytes a crash brings back are dropped at the next open.
+            pconn = self._pconn
+            try:
+                pconn.execute("PRAGMA synchronous = NORMAL")
+                pconn.execute("BEGIN IMMEDIATE")
+                pconn.executemany("DELETE FROM blob_inline WHERE id = ?", [(d,) for d in dead])
+                pconn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                log.warning("store %s: removing inline bytes failed (dropped at the next open): %s", self.path, exc)
+                if pconn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        pconn.execute("ROLLBACK")
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    pconn.execute("PRAGMA synchronous = FULL")
 
     def _resolve(self, results: list[tuple[asyncio.Future[Any] | None, bool, Any]], changes: list[Change]) -> None:
         self._publish(changes)
@@ -1505,7 +1616,7 @@ class SqliteStore:
         last = ""
         total = 0
         try:
-            conn = _connect(self._db_path)
+            conn = _connect(self._db_path, self._inline_path)
         except sqlite3.Error:
             log.exception("store %s: full-text backfill cannot start", self.path)
             return
@@ -1572,17 +1683,11 @@ class SqliteStore:
         # or removed meanwhile): message_info then parses on demand.
         later = self.has_index and self.background_max > 1
         tx.conn.executemany(self._blob_insert_sql, [_blob_row(b, not later) for b in blobs])
-        self._insert_inline(tx.conn, blobs)
         if later:
             tx.index_later.extend(b for b in blobs if b.index is not None)
         elif self.has_index:
             _insert_index(tx.conn, blobs)
 
-    @staticmethod
-    def _insert_inline(conn: sqlite3.Connection, blobs: Sequence[_Blob]) -> None:
-        rows = [(b.id, b.inline) for b in blobs if b.inline is not None]
-        if rows:
-            conn.executemany(_INLINE_INSERT, rows)
 
     @staticmethod
     def _decref(tx: _Tx, counts: Counter[str]) -> None:
@@ -2513,7 +2618,7 @@ class SqliteStore:
 
     @staticmethod
     def _inline_bytes(conn: sqlite3.Connection, blob_id: str) -> bytes | None:
-        r = conn.execute("SELECT data FROM blob_inline WHERE id = ?", (blob_id,)).fetchone()
+        r = conn.execute("SELECT data FROM inl.blob_inline WHERE id = ?", (blob_id,)).fetchone()
         return None if r is None else bytes(r[0])
 
     def _blob_bytes_sync(self, conn: sqlite3.Connection, blob_id: str) -> bytes:
@@ -2939,7 +3044,7 @@ class SqliteStore:
 
     # ------------------------------------------------------------------------------- maintenance
     async def check(self) -> list[Problem]:
-        def fn(conn: sqlite3.Connection) -> tuple[list[Problem], dict[str, Path]]:
+        def fn(conn: sqlite3.Connection) -> tuple[list[Problem], dict[str, str]]:
             problems: list[Problem] = []
             blobs = {str(r[0]): (int(r[1]), int(r[2])) for r in conn.execute("SELECT id, size, refcount FROM blob")}
             refs: Counter[str] = Counter()
@@ -2956,7 +3061,7 @@ class SqliteStore:
                         Problem("refcount", f"blob {blob_id}: refcount {refcount}, references {refs.get(blob_id, 0)}")
                     )
                 p = self._blobs.path_for(blob_id)
-                inline = self._inline_bytes(conn, blob_id) if self.has_inline else None
+                inline = self._inline_bytes(conn, blob_id)
                 try:
                     h = hashlib.sha256()
                     n = 0
@@ -3015,15 +3120,18 @@ class SqliteStore:
                     problems.append(
                         Problem("modseq", f"mailbox {r[0]} {r[1]!r}: highestmodseq {r[3]} < max modseq {r[5]}")
                     )
-            orphans: dict[str, Path] = {}
+            orphans: dict[str, str] = {}
             try:
                 for name, p in self._blobs.iter_files():
                     if self._blobs.is_temp(name):
                         continue  # a write in progress (a crash's leftovers go at the next open)
                     if name not in blobs and not self._blobs.pinned(name) and name not in self._gc_deferred:
-                        orphans[name] = p
+                        orphans[name] = f"file {p}"
             except OSError as exc:
                 problems.append(Problem("unreadable-blob", f"blob folder: {exc}"))
+            for (name,) in conn.execute("SELECT id FROM inl.blob_inline"):
+                if name not in blobs and name not in self._gc_deferred:
+                    orphans.setdefault(name, f"inline message {name}")
             return problems, orphans
 
         problems, orphans = await self._read(fn)
@@ -3034,8 +3142,8 @@ class SqliteStore:
 
             now_known = await self._read(recheck)
             problems += [
-                Problem("orphan-blob", f"file {p} has no blob row")
-                for n, p in sorted(orphans.items())
+                Problem("orphan-blob", f"{what} has no blob row")
+                for n, what in sorted(orphans.items())
                 if n not in now_known
             ]
         return problems

@@ -64,6 +64,7 @@ def test_defaults_are_safe() -> None:
         ("[limits]\nimap_idle_timeout_seconds = 60", "imap_idle_timeout_seconds: must be at least 1800"),
         ("[pop3]\ndele_mode = 'shred'", "pop3.dele_mode: 'shred' is not one of expunge, hide"),
         ("[store]\nbackend = 'postgres'", "store.dsn: required"),
+        ("[store]\ninline_max_bytes = 100000000", "store.inline_max_bytes: at most 16777216"),
         ("[store]\nbackend = 'postgres'\ndsn = 'postgresql://x/y'\nschema = 'a\"b'", "store.schema: 'a\"b' is not"),
         ("[backup]\ntime_of_day = '25:00'", "backup.time_of_day: '25:00' is not HH:MM"),
         ("this is = = not toml", "/data/postfach.toml: not valid TOML"),
