@@ -83,6 +83,22 @@ async def test_metadata_follows_rename_and_goes_with_delete(store: Store) -> Non
 
 
 @pytest.mark.asyncio
+async def test_expunge_history_sweep_in_chunks_covers_every_mailbox(store: Store) -> None:
+    """A sweep runs ``chunk`` mailboxes per transaction; the result is that of one sweep of all."""
+    acct, inbox = await account_with_inbox(store)
+    boxes = [inbox] + [(await store.create_mailbox(acct, f"Box{i}")).id for i in range(6)]
+    for i, box in enumerate(boxes):
+        u = (await store.append(acct, box, msg(i))).uid
+        await store.store_flags(acct, box, [u], FlagOp.ADD, frozenset({"\\Deleted"}))
+        await store.expunge(acct, box, [u])
+    tops = [(await store.mailbox_changes(acct, b, ModSeq(0))).mailbox.highestmodseq for b in boxes]
+    assert await store.trim_expunge_history(timedelta(0), timedelta(0), chunk=2) == 0  # checkpoints
+    assert await store.trim_expunge_history(timedelta(0), timedelta(0), chunk=2) == len(boxes)
+    assert [await store.expunge_history_floor(acct, b) for b in boxes] == tops
+    assert await store.trim_expunge_history(timedelta(0), timedelta(0), chunk=1) == 0
+
+
+@pytest.mark.asyncio
 async def test_expunge_history_is_trimmed_to_a_floor(store: Store) -> None:
     acct, inbox = await account_with_inbox(store)
     uids = [(await store.append(acct, inbox, msg(i))).uid for i in range(6)]

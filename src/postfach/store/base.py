@@ -513,11 +513,13 @@ class Store(Protocol):
         """The highest modseq up to which expunge records of the mailbox were trimmed (0: none);
         ``mailbox_changes(since)`` is complete only for ``since >= floor``."""
 
-    async def trim_expunge_history(self, keep: timedelta, mark_every: timedelta) -> int:
+    async def trim_expunge_history(self, keep: timedelta, mark_every: timedelta, *, chunk: int = 500) -> int:
         """One sweep of every mailbox: expunge records older than ``keep`` are dropped (the
         mailbox's floor rises to their highest modseq) and a checkpoint (HIGHESTMODSEQ, now) is
         taken where the last one is older than ``mark_every`` (the sweep's time resolution: a
-        record lives between ``keep`` and ``keep + mark_every``). Returns the records dropped."""
+        record lives between ``keep`` and ``keep + mark_every``). ``chunk`` mailboxes (in id
+        order) per transaction, so that a sweep of a big store never holds the writer long.
+        Returns the records dropped."""
 
     # --- maintenance ------------------------------------------------------------------------------
     async def check(self) -> list[Problem]:

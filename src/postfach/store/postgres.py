@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -2359,15 +2360,23 @@ class PostgresStore:
         )
         return ModSeq(int(v) if v is not None else 0)
 
-    async def trim_expunge_history(self, keep: timedelta, mark_every: timedelta) -> int:
-        async def fn(conn: Conn, tx: _Tx) -> int:
-            now = datetime.now(UTC)
-            cutoff = now - keep
+    async def trim_expunge_history(self, keep: timedelta, mark_every: timedelta, *, chunk: int = 500) -> int:
+        now = datetime.now(UTC)
+        cutoff = now - keep
+
+        async def fn(conn: Conn, tx: _Tx, after: int) -> tuple[int | None, int]:
+            ids = [int(r["id"]) for r in await conn.fetch(
+                "SELECT id FROM mailbox WHERE id > $1 ORDER BY id LIMIT $2", after, max(1, chunk))]
+            if not ids:
+                return None, 0
+            lo, hi = ids[0], ids[-1]
             gone = 0
             for r in await conn.fetch(
-                "SELECT mailbox_id, max(modseq) AS ms FROM expunge_mark WHERE marked <= $1 GROUP BY mailbox_id"
-                " ORDER BY mailbox_id",
+                "SELECT mailbox_id, max(modseq) AS ms FROM expunge_mark WHERE marked <= $1"
+                " AND mailbox_id BETWEEN $2 AND $3 GROUP BY mailbox_id ORDER BY mailbox_id",
                 cutoff,
+                lo,
+                hi,
             ):
                 mid, ms = int(r["mailbox_id"]), int(r["ms"])
                 await conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = $1 AND modseq <= $2", mid, ms)
@@ -2390,17 +2399,26 @@ class PostgresStore:
             await conn.execute(
                 "INSERT INTO expunge_mark (mailbox_id, modseq, marked)"
                 " SELECT m.id, m.highestmodseq, $1 FROM mailbox m"
-                " WHERE m.highestmodseq > coalesce((SELECT max(modseq) FROM expunge_mark k WHERE k.mailbox_id = m.id),"
+                " WHERE m.id BETWEEN $3 AND $4"
+                "   AND m.highestmodseq > coalesce((SELECT max(modseq) FROM expunge_mark k WHERE k.mailbox_id = m.id),"
                 "                                  (SELECT modseq FROM expunge_floor f WHERE f.mailbox_id = m.id), 0)"
                 "   AND coalesce((SELECT max(marked) FROM expunge_mark k WHERE k.mailbox_id = m.id),"
                 "                 'epoch'::timestamptz) <= $2"
                 " ON CONFLICT DO NOTHING",
                 now,
                 now - mark_every,
+                lo,
+                hi,
             )
-            return gone
+            return hi, gone
 
-        return await self._write(fn)
+        total, after = 0, 0
+        while True:
+            last, gone = await self._write(functools.partial(fn, after=after))
+            total += gone
+            if last is None:
+                return total
+            after = last
 
     # ------------------------------------------------------------------------------- maintenance
     async def check(self) -> list[Problem]:

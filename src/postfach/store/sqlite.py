@@ -57,6 +57,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -3003,16 +3004,24 @@ class SqliteStore:
 
         return await self._point_read(fn)
 
-    async def trim_expunge_history(self, keep: timedelta, mark_every: timedelta) -> int:
-        def fn(tx: _Tx) -> int:
+    async def trim_expunge_history(self, keep: timedelta, mark_every: timedelta, *, chunk: int = 500) -> int:
+        now = _now_us()
+        cutoff = now - keep // timedelta(microseconds=1)
+        marked_before = now - mark_every // timedelta(microseconds=1)
+
+        def fn(tx: _Tx, after: int) -> tuple[int | None, int]:
             conn = tx.conn
-            now = _now_us()
-            cutoff = now - keep // timedelta(microseconds=1)
+            ids = [int(r[0]) for r in conn.execute(
+                "SELECT id FROM mailbox WHERE id > ? ORDER BY id LIMIT ?", (after, max(1, chunk)))]
+            if not ids:
+                return None, 0
+            lo, hi = ids[0], ids[-1]
             gone = 0
             # Checkpoints older than the retention: their modseq bounds what may go (the newest
             # such checkpoint per mailbox wins; older ones are dropped with the records).
             for mid, ms in conn.execute(
-                "SELECT mailbox_id, max(modseq) FROM expunge_mark WHERE marked <= ? GROUP BY mailbox_id", (cutoff,)
+                "SELECT mailbox_id, max(modseq) FROM expunge_mark WHERE marked <= ? AND mailbox_id BETWEEN ? AND ?"
+                " GROUP BY mailbox_id", (cutoff, lo, hi)
             ).fetchall():
                 conn.execute("DELETE FROM expunge_mark WHERE mailbox_id = ? AND modseq <= ?", (mid, ms))
                 # The floor is the highest modseq really dropped: above it the history is whole.
@@ -3033,14 +3042,21 @@ class SqliteStore:
             conn.execute(
                 "INSERT OR IGNORE INTO expunge_mark (mailbox_id, modseq, marked)"
                 " SELECT m.id, m.highestmodseq, ? FROM mailbox m"
-                " WHERE m.highestmodseq > coalesce((SELECT max(modseq) FROM expunge_mark k WHERE k.mailbox_id = m.id),"
+                " WHERE m.id BETWEEN ? AND ?"
+                "   AND m.highestmodseq > coalesce((SELECT max(modseq) FROM expunge_mark k WHERE k.mailbox_id = m.id),"
                 "                                  (SELECT modseq FROM expunge_floor f WHERE f.mailbox_id = m.id), 0)"
                 "   AND coalesce((SELECT max(marked) FROM expunge_mark k WHERE k.mailbox_id = m.id), 0) <= ?",
-                (now, now - mark_every // timedelta(microseconds=1)),
+                (now, lo, hi, marked_before),
             )
-            return gone
+            return hi, gone
 
-        return await self._write(fn)
+        total, after = 0, 0
+        while True:
+            last, gone = await self._write(functools.partial(fn, after=after))
+            total += gone
+            if last is None:
+                return total
+            after = last
 
     # ------------------------------------------------------------------------------- maintenance
     async def check(self) -> list[Problem]:
