@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from postfach.mail import parse_message
 from postfach.mail.search import IndexText, SortRow, index_text, indexable, sort_row
@@ -142,3 +142,16 @@ class Subscription:
         if not self._closed:
             self._closed = True
             self._unsubscribe(self)
+
+
+async def in_mailbox_chunks(step: Callable[[int], Awaitable[tuple[int | None, int]]]) -> int:
+    """Run ``step(after)`` (one transaction over the next mailboxes with ids above ``after``; it
+    returns the last id it took, None when there were none, and a count) until the mailboxes run
+    out; the sum of the counts."""
+    total, after = 0, 0
+    while True:
+        last, n = await step(after)
+        total += n
+        if last is None:
+            return total
+        after = last

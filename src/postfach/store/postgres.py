@@ -88,7 +88,7 @@ from postfach.store.base import (
     SearchHits,
     StoreFlagsResult,
 )
-from postfach.store.common import SORT_COLUMNS, normalize_flags
+from postfach.store.common import SORT_COLUMNS, in_mailbox_chunks, normalize_flags
 from postfach.store.common import Subscription as _Subscription
 from postfach.store.common import apply_flag_op as _apply_flag_op
 from postfach.store.common import norm_address as _norm_address
@@ -2412,13 +2412,7 @@ class PostgresStore:
             )
             return hi, gone
 
-        total, after = 0, 0
-        while True:
-            last, gone = await self._write(functools.partial(fn, after=after))
-            total += gone
-            if last is None:
-                return total
-            after = last
+        return await in_mailbox_chunks(lambda after: self._write(functools.partial(fn, after=after)))
 
     # ------------------------------------------------------------------------------- maintenance
     async def check(self) -> list[Problem]:

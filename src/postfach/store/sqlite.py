@@ -113,7 +113,7 @@ from postfach.store.base import (
     StoreFlagsResult,
 )
 from postfach.store.blobs import FileBlobStore, fsync_dir, os_error, sha256_hex, wire_flags
-from postfach.store.common import INDEX_FIELDS, SORT_COLUMNS, fts_query, normalize_flags
+from postfach.store.common import INDEX_FIELDS, SORT_COLUMNS, fts_query, in_mailbox_chunks, normalize_flags
 from postfach.store.common import Subscription as _Subscription
 from postfach.store.common import apply_flag_op as _apply_flag_op
 from postfach.store.common import norm_address as _norm_address
@@ -3050,13 +3050,7 @@ class SqliteStore:
             )
             return hi, gone
 
-        total, after = 0, 0
-        while True:
-            last, gone = await self._write(functools.partial(fn, after=after))
-            total += gone
-            if last is None:
-                return total
-            after = last
+        return await in_mailbox_chunks(lambda after: self._write(functools.partial(fn, after=after)))
 
     # ------------------------------------------------------------------------------- maintenance
     async def check(self) -> list[Problem]:
