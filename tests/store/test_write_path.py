@@ -291,3 +291,20 @@ def test_blob_folders_made_again_when_removed_behind_the_store(tmp_path: Path) -
         assert blobs.read(fid) == first
     finally:
         blobs.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.sqlite_only("the embedded store's reader threads and their connections")
+async def test_reader_connections_are_open_from_the_start(tmp_path: Path) -> None:
+    """Every reader thread has its connection (meta.sqlite3 and inline.sqlite3, with their WAL
+    files) once open() returns: a load later opens no more files (the soak compares the count)."""
+    store = SqliteStore(tmp_path, readers=3)
+    await store.open()
+    try:
+        assert len(store._rconns) == 3
+        before = len(os.listdir("/proc/self/fd"))
+        await asyncio.gather(*(store.list_domains() for _ in range(60)))
+        assert len(store._rconns) == 3
+        assert len(os.listdir("/proc/self/fd")) <= before  # (earlier tests' leftovers may close meanwhile)
+    finally:
+        await store.close()

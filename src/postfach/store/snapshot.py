@@ -290,12 +290,11 @@ def copy_database(meta: Path, dest: Path) -> None:
 
 
 def _write_file(dst: str, data: bytes) -> None:
-    """A new snapshot file with ``data``, durable (its folder is synced with the others)."""
+    """A new snapshot file with ``data``; made durable with every link and folder by the caller's
+    one ``sync_filesystem`` of the finished snapshot (backup.py), not by an fsync per file."""
     tmp = dst + ".part"
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, dst)
 
 

@@ -681,10 +681,26 @@ class SqliteStore:
         except sqlite3.Error:
             self._lconn = None  # point reads go through the reader threads instead
         self._open = True
+        await self._open_reader_connections()
         if self.has_index and self.backfill_batch > 0:
             self._backfill_stop.clear()
             self._backfill = threading.Thread(target=self._backfill_main, name="postfach-store-backfill", daemon=True)
             self._backfill.start()
+
+    async def _open_reader_connections(self) -> None:
+        """Every reader thread opens its connection now, not at its first request under load: a
+        steady number of open files from the start (each connection holds meta.sqlite3 and
+        inline.sqlite3 with their WAL files), and no connection set-up inside a client's command."""
+        loop = self._check_open()
+        n = self._readers_n
+        started = threading.Barrier(n)
+
+        def warm(conn: sqlite3.Connection) -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                started.wait(5.0)  # n tasks at once: one on each of the n threads
+
+        assert self._read_pool is not None
+        await asyncio.gather(*(loop.run_in_executor(self._read_pool, self._read_call, warm) for _ in range(n)))
 
     def _open_sync(self) -> None:
         try:
