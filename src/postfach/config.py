@@ -495,8 +495,9 @@ _SECTION_DOCS: dict[str, str] = {
         'Processes. `workers` = N runs N worker processes (`"auto"` or 0: one per CPU) behind one'
         " supervisor that accepts connections and hands each to the least busy worker; they share"
         " the store, and changes reach IDLE sessions in every worker. `max_connections_per_ip` is"
-        " counted over all workers (by the supervisor); `max_connections_per_account` and login"
-        " throttling/lockout are counted per worker: with N workers up to N times those limits."
+        " counted over all workers (by the supervisor), and so are failed logins (throttling and"
+        " lockout: each worker tells the others of every failure); `max_connections_per_account` is"
+        " counted per worker: with N workers up to N times that limit."
     ),
     "store": "Where mail is kept. Embedded store: messages up to `inline_max_bytes` in `inline.sqlite3` "
     "(a batch of them stored by one commit), bigger ones as files under `blobs/`; 0 puts every message in a file.",

@@ -215,6 +215,10 @@ class WorkerLink:
             # (else it would wait for the runner's next scan, up to 5 s).
             ctx.services["queue"] = _RemoteQueue(self)
         self._handshake_timeout = float(ctx.config.limits.tls_handshake_timeout_seconds)
+        auth = getattr(ctx, "auth", None)
+        if auth is not None and hasattr(auth, "set_relay"):
+            # Login failures count over all workers (throttling, lockout), as in one process.
+            auth.set_relay(lambda event: self.channel.send(("auth", event)))
         store = ctx.store
         if hasattr(store, "set_change_relay") and hasattr(store, "inject_changes"):
             self._store = store
@@ -244,6 +248,10 @@ class WorkerLink:
             task.add_done_callback(self._tasks.discard)
         elif kind == "changes" and self._store is not None:
             self._store.inject_changes(obj[1])
+        elif kind == "auth" and self._ctx is not None:
+            auth = getattr(self._ctx, "auth", None)
+            if auth is not None and hasattr(auth, "apply_remote"):
+                auth.apply_remote(tuple(obj[1]))
         elif kind == "wake-queue" and self._ctx is not None:
             queue = self._ctx.services.get("queue")
             if queue is not None and not isinstance(queue, _RemoteQueue):
@@ -590,7 +598,7 @@ class Supervisor:
             first = self.workers[0]
             if first.channel is not None and not first.channel.closed:
                 first.channel.send(obj)
-        elif kind == "changes":
+        elif kind in ("changes", "auth"):  # to every other worker
             for other in self.workers:
                 if other is not w and other.channel is not None and not other.channel.closed:
                     other.channel.send(obj)

@@ -510,3 +510,38 @@ def _state(pid: int) -> str:
     except (OSError, IndexError):
         return "zombie"
 
+
+
+def test_login_failures_count_over_all_workers(tmp_path: Path) -> None:
+    """Throttling and lockout hold for the whole server, not per worker: failures on a connection
+    of each worker add up to the lockout, which then refuses the right password on both."""
+    s = ServerProcess(tmp_path / "data", workers=2, init_args=backends.init_args(tmp_path / "data"))
+    s.init()
+    cfg = s.data / "postfach.toml"
+    text = cfg.read_text("utf-8")
+    no_lockout = "lockout_failures = 1000000\nfree_failures = 1000000\n"  # bench/load/server.py FAST_AUTH
+    assert no_lockout in text
+    cfg.write_text(text.replace(no_lockout, "lockout_failures = 4\nfree_failures = 20\n"
+                                "window_seconds = 600\nlockout_seconds = 600\n"), "utf-8")
+    s.provision([ALICE, BOB], PASSWORD)
+    s.start()
+    try:
+        port = s.port("imap", "starttls")
+        conns = one_per_worker(s, Line, port)
+        try:
+            # Two failures through each worker: neither saw the four that lock out by itself.
+            for w in ("w0", "w1"):
+                for i in range(2):
+                    conns[w].send(f"f{i} LOGIN {ALICE} wrong-{i}\r\n".encode())
+                    assert b"AUTHENTICATIONFAILED" in conns[w].until(f"f{i} ".encode())[-1]
+            time.sleep(0.5)  # the other worker's failures arrive through the supervisor (ms)
+            for w in ("w0", "w1"):
+                conns[w].send(f"ok LOGIN {ALICE} {PASSWORD}\r\n".encode())
+                last = conns[w].until(b"ok ")[-1]
+                assert last.startswith(b"ok NO [UNAVAILABLE]"), (w, last)
+        finally:
+            for c in conns.values():
+                c.close()
+        assert "failures seen by another worker" in s.log_text()
+    finally:
+        s.stop(30)

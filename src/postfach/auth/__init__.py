@@ -113,6 +113,29 @@ class Authenticator:
         self._failures = _Failures()
         self._networks = cfg.networks()
         self._clock = clock or time.monotonic
+        # ``serve --workers N``: where this process's login outcomes go for the other workers'
+        # counts (set_relay); what they saw arrives through apply_remote.
+        self._relay: Callable[[tuple[str, ...]], None] | None = None
+
+    def set_relay(self, relay: Callable[[tuple[str, ...]], None] | None) -> None:
+        """Send every failed login (and every success, which clears the account's count) to the
+        other worker processes, so that throttling and lockout count over all of them. One
+        message per outcome, no round trip: a login never waits for the other workers."""
+        self._relay = relay
+
+    def apply_remote(self, event: tuple[str, ...]) -> None:
+        """A login outcome another worker saw: ("failed", user, ip) or ("ok", user)."""
+        if len(event) == 3 and event[0] == "failed":
+            self._record_failure(str(event[1]), str(event[2]), remote=True)
+        elif len(event) == 2 and event[0] == "ok":
+            self._failures.clear(f"user:{event[1]}")
+
+    def _send(self, event: tuple[str, ...]) -> None:
+        if self._relay is not None:
+            try:
+                self._relay(event)
+            except Exception:  # the other workers count a little less; the login goes on
+                log.exception("auth: relaying a login outcome to the other workers failed")
 
     # --- policy -----------------------------------------------------------------------------------
     def cleartext_allowed(self, remote_ip: str) -> bool:
@@ -136,6 +159,25 @@ class Authenticator:
             return False
 
     # --- logins -----------------------------------------------------------------------------------
+    def _record_failure(self, user: str, remote_ip: str, *, remote: bool = False) -> int:
+        """Count a failure for the IP and the account; lock both out at ``lockout_failures``
+        within ``window_seconds``. Returns the higher of the two counts."""
+        now = self._clock()
+        ip_key, user_key = f"ip:{remote_ip}", f"user:{user}"
+        window = self._cfg.window_seconds
+        self._failures.add(ip_key, now)
+        self._failures.add(user_key, now)
+        count = max(self._failures.recent(ip_key, now, window), self._failures.recent(user_key, now, window))
+        if count >= self._cfg.lockout_failures:
+            until = now + self._cfg.lockout_seconds
+            locked = self._failures.locked(ip_key, now) and self._failures.locked(user_key, now)
+            self._failures.locked_until[ip_key] = until
+            self._failures.locked_until[user_key] = until
+            if not (remote and locked):
+                log.warning("auth lockout: user=%s ip=%s for %ds%s", user, remote_ip, self._cfg.lockout_seconds,
+                            " (failures seen by another worker)" if remote else "")
+        return count
+
     def _delay_for(self, failures: int) -> float:
         extra = failures - self._cfg.free_failures
         if extra < 0:
@@ -164,6 +206,7 @@ class Authenticator:
                 log.info("auth %s refused: account disabled user=%s ip=%s", protocol, user, remote_ip)
                 return AuthResult(AuthOutcome.DISABLED)
             self._failures.clear(user_key)
+            self._send(("ok", user))
             log.info("auth %s ok: user=%s ip=%s", protocol, user, remote_ip)
             if self._hasher.check_needs_rehash(hashed):
                 try:
@@ -174,18 +217,9 @@ class Authenticator:
         return await self._fail(user, remote_ip, protocol)
 
     async def _fail(self, user: str, remote_ip: str, protocol: str) -> AuthResult:
-        now = self._clock()
-        ip_key, user_key = f"ip:{remote_ip}", f"user:{user}"
-        window = self._cfg.window_seconds
-        self._failures.add(ip_key, now)
-        self._failures.add(user_key, now)
-        count = max(self._failures.recent(ip_key, now, window), self._failures.recent(user_key, now, window))
+        count = self._record_failure(user, remote_ip)
         log.info("auth %s failed: user=%s ip=%s failures=%d", protocol, user, remote_ip, count)
-        if count >= self._cfg.lockout_failures:
-            until = now + self._cfg.lockout_seconds
-            self._failures.locked_until[ip_key] = until
-            self._failures.locked_until[user_key] = until
-            log.warning("auth lockout: user=%s ip=%s for %ds", user, remote_ip, self._cfg.lockout_seconds)
+        self._send(("failed", user, remote_ip))
         delay = self._delay_for(count)
         if delay:
             await asyncio.sleep(delay)

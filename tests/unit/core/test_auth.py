@@ -101,3 +101,32 @@ def test_cleartext_networks() -> None:
     assert auth.cleartext_allowed("::ffff:127.0.0.5")
     assert not auth.cleartext_allowed("192.0.2.1")
     assert not auth.cleartext_allowed("garbage")
+
+
+@pytest.mark.asyncio
+async def test_outcomes_relayed_between_workers_count_there_too(env: tuple[Store, Authenticator, Clock]) -> None:
+    """``serve --workers N``: each worker's Authenticator sends its outcomes to the others
+    (supervisor.py relays them); failures add up to one lockout, a success clears the account's
+    count everywhere, and a malformed event changes nothing."""
+    store, a, clock = env
+    b = Authenticator(store, CFG, clock=clock)
+    a.set_relay(b.apply_remote)
+    b.set_relay(a.apply_remote)
+    for i in range(2):  # two failures in each worker: four in all, one short of the lockout
+        assert (await a.authenticate("user@example.org", f"w{i}", remote_ip="192.0.2.7", protocol="imap")).outcome \
+            is AuthOutcome.FAILED
+        assert (await b.authenticate("user@example.org", f"x{i}", remote_ip="192.0.2.8", protocol="pop3")).outcome \
+            is AuthOutcome.FAILED
+    # The right password through b clears the account's count in a too.
+    ok = await b.authenticate("user@example.org", "right password", remote_ip="192.0.2.9", protocol="imap")
+    assert ok.outcome is AuthOutcome.OK
+    assert (await a.authenticate("user@example.org", "w9", remote_ip="192.0.2.10", protocol="imap")).outcome \
+        is AuthOutcome.FAILED  # one failure since the success: far from locked
+    for i in range(4):
+        await (a if i % 2 else b).authenticate("user@example.org", f"y{i}", remote_ip=f"198.51.100.{i}",
+                                               protocol="smtp")
+    for auth in (a, b):  # five failures of the account over both workers: locked in each
+        res = await auth.authenticate("user@example.org", "right password", remote_ip="203.0.113.1", protocol="imap")
+        assert res.outcome is AuthOutcome.LOCKED
+    a.apply_remote(("failed",))
+    a.apply_remote(("what", "user@example.org"))
