@@ -496,8 +496,8 @@ _SECTION_DOCS: dict[str, str] = {
         " supervisor that accepts connections and hands each to the least busy worker; they share"
         " the store, and changes reach IDLE sessions in every worker. `max_connections_per_ip` is"
         " counted over all workers (by the supervisor), and so are failed logins (throttling and"
-        " lockout: each worker tells the others of every failure); `max_connections_per_account` is"
-        " counted per worker: with N workers up to N times that limit."
+        " lockout) and `max_connections_per_account`: each worker tells the others through the"
+        " supervisor, so two logins in the same millisecond on two workers may overshoot a cap by one."
     ),
     "store": "Where mail is kept. Embedded store: messages up to `inline_max_bytes` in `inline.sqlite3` "
     "(a batch of them stored by one commit), bigger ones as files under `blobs/`; 0 puts every message in a file.",

@@ -50,6 +50,8 @@ from typing import Any
 
 from postfach import log as plog
 from postfach.config import Config, ListenerConfig
+from postfach.imap.counts import ACCOUNT_COUNTS_KEY, AccountCounts
+from postfach.types import AccountId
 
 log = logging.getLogger("postfach.supervisor")
 
@@ -215,6 +217,10 @@ class WorkerLink:
             # (else it would wait for the runner's next scan, up to 5 s).
             ctx.services["queue"] = _RemoteQueue(self)
         self._handshake_timeout = float(ctx.config.limits.tls_handshake_timeout_seconds)
+        counts = ctx.services.setdefault(ACCOUNT_COUNTS_KEY, AccountCounts())
+        if isinstance(counts, AccountCounts):
+            # max_connections_per_account counts the sessions of every worker.
+            counts.set_relay(lambda account_id, delta: self.channel.send(("acct", int(account_id), delta)))
         auth = getattr(ctx, "auth", None)
         if auth is not None and hasattr(auth, "set_relay"):
             # Login failures count over all workers (throttling, lockout), as in one process.
@@ -248,6 +254,15 @@ class WorkerLink:
             task.add_done_callback(self._tasks.discard)
         elif kind == "changes" and self._store is not None:
             self._store.inject_changes(obj[1])
+        elif kind in ("acct", "acct-gone", "acct-snapshot") and self._ctx is not None:
+            counts = self._ctx.services.get(ACCOUNT_COUNTS_KEY)
+            if isinstance(counts, AccountCounts):
+                if kind == "acct":
+                    counts.apply_remote(int(obj[1]), AccountId(int(obj[2])), int(obj[3]))
+                elif kind == "acct-gone":
+                    counts.forget_worker(int(obj[1]))
+                else:
+                    counts.replace_remote(obj[1])
         elif kind == "auth" and self._ctx is not None:
             auth = getattr(self._ctx, "auth", None)
             if auth is not None and hasattr(auth, "apply_remote"):
@@ -429,6 +444,9 @@ class _Worker:
     crashes: int = 0  # consecutive, for the backoff
     restart_at: float | None = None
     pid: int = 0
+    # Logged-in IMAP sessions per account in this worker (its "acct" events), for the snapshot a
+    # (re)started worker gets; dropped when the worker dies (its sessions died with it).
+    accounts: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -584,6 +602,10 @@ class Supervisor:
             os.close(fd)
         kind = obj[0]
         if kind == "ready":
+            # What the other workers' sessions hold, for this (re)started worker's account caps.
+            snapshot = {o.index: dict(o.accounts) for o in self.workers if o is not w and o.accounts}
+            if w.channel is not None and not w.channel.closed:
+                w.channel.send(("acct-snapshot", snapshot))
             w.ready = True
             w.ever_ready = True
             w.start_failures = 0
@@ -598,10 +620,23 @@ class Supervisor:
             first = self.workers[0]
             if first.channel is not None and not first.channel.closed:
                 first.channel.send(obj)
+        elif kind == "acct":
+            aid, delta = int(obj[1]), int(obj[2])
+            n = w.accounts.get(aid, 0) + delta
+            if n > 0:
+                w.accounts[aid] = n
+            else:
+                w.accounts.pop(aid, None)
+            self._to_others(w, ("acct", w.index, aid, delta))
         elif kind in ("changes", "auth"):  # to every other worker
             for other in self.workers:
                 if other is not w and other.channel is not None and not other.channel.closed:
                     other.channel.send(obj)
+
+    def _to_others(self, w: _Worker, obj: Any) -> None:
+        for other in self.workers:
+            if other is not w and other.channel is not None and not other.channel.closed:
+                other.channel.send(obj)
 
     def _channel_closed(self, w: _Worker) -> None:
         w.ready = False
@@ -620,6 +655,9 @@ class Supervisor:
             w.ready = False
             for cid in list(w.conns):  # its connections died with it
                 self._release(w, cid)
+            if w.accounts:  # and its sessions: the others stop counting them
+                w.accounts.clear()
+                self._to_others(w, ("acct-gone", w.index))
             if self._stopping:
                 log.info("worker %d (pid %d) exited with status %s", w.index, w.pid, code)
                 continue

@@ -545,3 +545,64 @@ def test_login_failures_count_over_all_workers(tmp_path: Path) -> None:
         assert "failures seen by another worker" in s.log_text()
     finally:
         s.stop(30)
+
+
+def test_max_connections_per_account_counts_over_all_workers(tmp_path: Path) -> None:
+    """The per-account cap holds for the server: a session in each worker fills a cap of 2; a
+    logout frees a place; a SIGKILLed worker's sessions stop counting; a restarted worker learns
+    the other's sessions."""
+    s = ServerProcess(tmp_path / "data", workers=2, limits={"max_connections_per_account": 2},
+                      init_args=backends.init_args(tmp_path / "data"))
+    s.init()
+    s.provision([ALICE, BOB], PASSWORD)
+    s.start()
+    port = s.port("imap", "starttls")
+
+    def login(c: Line, tag: str, user: str = ALICE) -> bytes:
+        c.send(f"{tag} LOGIN {user} {PASSWORD}\r\n".encode())
+        return c.until(f"{tag} ".encode())[-1]
+
+    try:
+        first = one_per_worker(s, imap_login, port)  # alice in w0 and in w1: the cap is reached
+        time.sleep(0.5)  # each worker's count reaches the other through the supervisor (ms)
+        spare = one_per_worker(s, Line, port)
+        for w, c in spare.items():
+            assert login(c, "l").startswith(b"l NO [LIMIT]"), w  # neither worker alone is at 2
+            assert login(c, "b", BOB).startswith(b"b OK"), w  # another account is not capped
+        first["w0"].send(b"o LOGOUT\r\n")
+        first["w0"].until(b"o ")
+        first["w0"].close()
+        time.sleep(0.5)
+        c = Line(port)
+        assert worker_of(s, c.local_port) == "w0"  # the least busy: w1 holds two connections
+        assert login(c, "again").startswith(b"again OK")  # one place was free again
+        # Alice has a session on each worker again: kill worker 1; its session no longer counts,
+        # and its successor learns of w0's.
+        victim = _pids(s)["w1"][-1]
+        before = len(_pids(s)["w1"])
+        subprocess.run(["kill", "-KILL", str(victim)], check=True)
+        deadline = time.monotonic() + 20
+        while len(_pids(s)["w1"]) == before:
+            assert time.monotonic() < deadline, "worker 1 not restarted"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        held = sum(1 for x in (first["w1"], c) if _alive(x))
+        assert held == 1  # the session in w0 survived, the one in w1 died with it
+        fresh = one_per_worker(s, Line, port)
+        # w0 forgot the dead worker's session (held: c, and now this one: 2) ...
+        assert login(fresh["w0"], "n0").startswith(b"n0 OK")
+        time.sleep(0.5)
+        # ... and the restarted w1 knows of w0's two: c from the supervisor's snapshot, n0 relayed.
+        assert login(fresh["w1"], "n1").startswith(b"n1 NO [LIMIT]")
+        for x in [*first.values(), *spare.values(), *fresh.values(), c]:
+            x.close()
+    finally:
+        s.stop(30)
+
+
+def _alive(c: Line) -> bool:
+    try:
+        c.send(b"z NOOP\r\n")
+        return c.until(b"z ", timeout=5)[-1].startswith(b"z OK")
+    except (OSError, ConnectionError):
+        return False

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imap_helpers import Env, conninfo, make_env, message
 
+from postfach.imap.counts import AccountCounts
 from postfach.imap.receiver import NeedContinuation, NeedData, Receiver, Request
 from postfach.imap.session import Next, Session
 
@@ -27,7 +28,7 @@ class Client:
     def __init__(self, env: Env, name: str) -> None:
         self.name = name
         self.out = bytearray()
-        self.session = Session(env.ctx, conninfo(tls_active=True), self, account_connections={})
+        self.session = Session(env.ctx, conninfo(tls_active=True), self, account_connections=AccountCounts())
         self.rx = Receiver()
         self.model: list[int | None] = []  # uid by sequence number - 1
         self.flags: dict[int, frozenset[bytes]] = {}

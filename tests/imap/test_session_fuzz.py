@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imap_helpers import conninfo, make_env, message
 
+from postfach.imap.counts import AccountCounts
 from postfach.imap.receiver import NeedContinuation, NeedData, Receiver, Rejected, Request
 from postfach.imap.session import Next, Session
 
@@ -40,7 +41,7 @@ async def test_random_commands_always_get_one_answer(tmp_path: Path) -> None:
         async def write(self, data: bytes) -> None:
             out.extend(data)
 
-    session = Session(env.ctx, conninfo(tls_active=True), Sink(), account_connections={})
+    session = Session(env.ctx, conninfo(tls_active=True), Sink(), account_connections=AccountCounts())
     rx = Receiver(max_line_bytes=2000, max_literal_bytes=1000)
     try:
         assert await session.execute(b"l LOGIN user@example.org secret-pass-1") is Next.CONTINUE

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imap_helpers import Env, conninfo, make_env, message
 
 from postfach.config import ImapConfig
+from postfach.imap.counts import AccountCounts
 from postfach.imap.receiver import NeedContinuation, NeedData, Receiver, Rejected, Request
 from postfach.imap.session import Next, Session
 
@@ -47,7 +48,7 @@ class Peer:
     def __init__(self, env: Env, remote: str, tls: bool) -> None:
         self.sink = ListSink()
         self.session = Session(env.ctx, conninfo("starttls", remote, tls_active=tls), self.sink,
-                               account_connections={})
+                               account_connections=AccountCounts())
         self.receiver = Receiver(env.ctx.config.limits.max_line_bytes,
                                  env.ctx.config.limits.max_literal_bytes)
         self.mode = Next.CONTINUE

@@ -17,9 +17,9 @@ from typing import Any
 
 from postfach.context import ConnectionInfo, ServerContext
 from postfach.imap import responses as r
+from postfach.imap.counts import ACCOUNT_COUNTS_KEY, AccountCounts
 from postfach.imap.receiver import NeedContinuation, NeedData, Receiver, Rejected, Request
 from postfach.imap.session import Next, Session
-from postfach.types import AccountId
 
 log = logging.getLogger("postfach.imap")
 
@@ -28,7 +28,6 @@ INFLATE_CHUNK = 1024 * 1024  # RFC 4978: inflate at most this much per step (def
 WRITE_HIGH_WATER = 256 * 1024
 
 MIN_TIMEOUT_SECONDS = 1800  # RFC 9051 §5.4: the autologout timer is at least 30 minutes
-ACCOUNT_COUNTS_KEY = "imap.account_connections"
 DRIVERS_KEY = "imap.drivers"
 WATCHER_KEY = "imap.shutdown_watcher"
 
@@ -82,7 +81,7 @@ class _Driver:
         limits = ctx.config.limits
         self.timeout = float(max(limits.imap_idle_timeout_seconds, MIN_TIMEOUT_SECONDS))
         self.receiver = Receiver(limits.max_line_bytes, limits.max_literal_bytes)
-        counts: dict[AccountId, int] = ctx.services.setdefault(ACCOUNT_COUNTS_KEY, {})
+        counts: AccountCounts = ctx.services.setdefault(ACCOUNT_COUNTS_KEY, AccountCounts())
         self._sink = _WriterSink(writer, self.timeout)
         self._inflate: Any = None  # zlib decompressobj once COMPRESS is active
         self.session = Session(ctx, conn, self._sink, account_connections=counts)

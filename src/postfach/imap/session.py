@@ -51,6 +51,7 @@ from postfach.imap.cache import (
     search_cache,
     section_cache,
 )
+from postfach.imap.counts import AccountCounts
 from postfach.imap.parser import ParseError, parse
 from postfach.imap.selected import BadSequence, MailboxView, SelectedMailbox, ViewCache
 from postfach.mail import search as msearch
@@ -184,7 +185,7 @@ class Session:
         conn: ConnectionInfo,
         sink: Sink,
         *,
-        account_connections: dict[AccountId, int] | None = None,
+        account_connections: AccountCounts | None = None,
     ) -> None:
         self.ctx = ctx
         self.conn = conn
@@ -439,9 +440,9 @@ class Session:
             raise CommandRefused("Authentication failed", "AUTHENTICATIONFAILED")
         limit = self.config.limits.max_connections_per_account
         if self._account_connections is not None:
-            if self._account_connections.get(account.id, 0) >= limit:
+            if self._account_connections.total(account.id) >= limit:  # over all workers
                 raise CommandRefused("Too many connections for this account", "LIMIT")
-            self._account_connections[account.id] = self._account_connections.get(account.id, 0) + 1
+            self._account_connections.add(account.id, 1)
             self._counted = True
         self.account = account
         self.state = State.AUTHENTICATED
@@ -553,11 +554,7 @@ class Session:
 
     def _logout_account(self) -> None:
         if self._counted and self.account is not None and self._account_connections is not None:
-            n = self._account_connections.get(self.account.id, 1) - 1
-            if n <= 0:
-                self._account_connections.pop(self.account.id, None)
-            else:
-                self._account_connections[self.account.id] = n
+            self._account_connections.add(self.account.id, -1)
         self._counted = False
         if self._sub is not None:
             self._sub.close()
