@@ -36,7 +36,7 @@ from postfach.pop3.responses import (
     Ok,
     Response,
 )
-from postfach.store.base import FlagOp, Mailbox
+from postfach.store.base import FlagOp, Mailbox, MaildropLock
 from postfach.types import AccountId, Uid, UidValidity
 
 log = logging.getLogger("postfach.pop3")
@@ -79,6 +79,7 @@ class Session:
         self._sasl: sasl.Mechanism | None = None
         self._bad_commands = 0
         self._locks = contextlib.AsyncExitStack()
+        self._lock: MaildropLock | None = None  # the maildrop lock while in TRANSACTION
         self._account_id: AccountId | None = None
         self._address = ""
         self._mailbox: Mailbox | None = None
@@ -262,8 +263,9 @@ class Session:
         mailbox = await store.get_mailbox(account.id, "INBOX")
         if mailbox is None:
             return Err("The account has no INBOX", SYS_PERM)
+        lock = store.lock_maildrop(account.id)
         try:
-            await self._locks.enter_async_context(store.lock_maildrop(account.id))
+            await self._locks.enter_async_context(lock)
         except MailboxInUse:
             # RFC 2449 §8.1.2
             return Err("Mailbox is locked by another POP3 session", IN_USE)
@@ -286,6 +288,7 @@ class Session:
                     continue
             entries.append(_Entry(uid, size))
         self._entries = entries
+        self._lock = lock
         self._account_id = account.id
         self._address = account.address
         self._mailbox = mailbox
@@ -413,6 +416,12 @@ class Session:
         self.want_close = True
         self.state = State.CLOSED
         deleted = [e.uid for e in self._entries if e.deleted]
+        if deleted and self._lock is not None and self._lock.lost:
+            # The lock was not held all along (the database connection was lost meanwhile):
+            # another session may have had the maildrop. Delete nothing; the client tries again.
+            log.warning("pop3 %s update refused user=%s: the maildrop lock was lost", self.conn.id, self._address)
+            await self.close()
+            return Err("The maildrop lock was lost meanwhile; no messages were deleted", IN_USE)
         hide = self.ctx.config.pop3.dele_mode == "hide"
         try:
             await self._flush_seen(exclude=() if hide else deleted)

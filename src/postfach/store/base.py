@@ -449,7 +449,8 @@ class Store(Protocol):
     # --- POP3 maildrop lock (RFC 1939 §8 exclusive access) ----------------------------------------
     def lock_maildrop(self, account_id: AccountId) -> MaildropLock:
         """``async with store.lock_maildrop(a):`` — MailboxInUse if another session holds it.
-        The lock dies with its holder (process exit, or the context's end)."""
+        The lock dies with its holder (process exit, or the context's end); ``lost`` tells
+        whether it was held without a gap."""
 
     # --- outbound queue ---------------------------------------------------------------------------
     async def queue_add(
@@ -533,6 +534,13 @@ class MaildropLock(Protocol):
     async def __aenter__(self) -> None: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
+
+    @property
+    def lost(self) -> bool:
+        """True once the lock may not have been held all along (PostgreSQL: the database session
+        holding it was lost and re-established): another session may have opened the maildrop
+        meanwhile, so this one must not delete anything (POP3 QUIT answers -ERR)."""
+        ...
 
 
 async def iterate_changes(sub: Subscription) -> AsyncIterator[Change]:

@@ -325,6 +325,10 @@ class _MaildropLock:
         self._account_id = account_id
         self._held = False
 
+    @property
+    def lost(self) -> bool:
+        return self._held and self._account_id in self._store._maildrop_lost
+
     async def __aenter__(self) -> None:
         store = self._store
         if self._account_id in store._maildrop_locks:
@@ -355,6 +359,7 @@ class _MaildropLock:
             pass  # the control connection went away: the lock went with it
         finally:
             store._maildrop_locks.discard(self._account_id)
+            store._maildrop_lost.discard(self._account_id)
 
 
 class _ChunkBlobReader:
@@ -516,6 +521,8 @@ class PostgresStore:
         self.backfilled = 0
         self._subs: dict[AccountId, set[_Subscription]] = {}
         self._maildrop_locks: set[AccountId] = set()
+        # Held maildrop locks whose control connection was lost meanwhile (see _control_start).
+        self._maildrop_lost: set[AccountId] = set()
         self._feed_lines: dict[int, deque[_Tx]] = {}  # per account: its writes in lock (= commit) order
         self._open = False
         self._closing = False
@@ -683,12 +690,16 @@ class PostgresStore:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1::int4, $2::int4)", self._ns_node, self.node_id):
                 log.info("store: a previous session of this node still holds its liveness lock")
             await conn.add_listener(self._channel, self._on_notify)
+            # Maildrop locks held across the loss: taken again (so that no other session opens the
+            # maildrop while ours ends), but not held without a gap: another node may have had
+            # the maildrop meanwhile, so our POP3 sessions must not delete (MaildropLock.lost).
             for aid in list(self._maildrop_locks):
+                self._maildrop_lost.add(aid)
                 ok = await conn.fetchval(
                     "SELECT pg_try_advisory_lock($1::int4, $2::int4)", self._ns_maildrop, _int4(aid)
                 )
-                if not ok:
-                    log.warning("store: maildrop lock of account %s was taken while reconnecting", aid)
+                log.warning("store: maildrop lock of account %s %s while the connection was lost; its POP3"
+                            " session will delete nothing", aid, "was released" if ok else "was taken by another node")
         except BaseException:
             conn.terminate()
             raise

@@ -423,6 +423,10 @@ class _MaildropLock:
         self._held = False
         self._fd: int | None = None
 
+    @property
+    def lost(self) -> bool:
+        return False  # an flock held by this process cannot go away under it
+
     async def __aenter__(self) -> None:
         if self._account_id in self._store._maildrop_locks:
             raise MailboxInUse("the maildrop is locked by another session")
