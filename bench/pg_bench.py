@@ -44,7 +44,7 @@ import asyncpg  # noqa: E402
 from bench.load import aimap  # noqa: E402
 from bench.load.scale import _area, pct, summarize_profile  # noqa: E402
 from bench.load.server import ServerProcess, cpu_seconds  # noqa: E402
-from bench.smtp_bench import _message  # noqa: E402
+from bench.smtp_bench import send_messages, smtp_session  # noqa: E402
 from tests.dnsserver import DnsTestServer  # noqa: E402
 
 ADMIN_DSN = os.environ.get("POSTFACH_BENCH_PG", os.environ.get("POSTFACH_TEST_PG",
@@ -138,35 +138,6 @@ class Window:
 # ------------------------------------------------------------------------------- load processes
 
 
-async def _smtp_connection(port: int, count: int, size: int, cid: int, rcpt: str) -> int:
-    """smtp_bench's connection (PIPELINING, one message after the other), to ``rcpt``."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-    async def reply() -> bytes:
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise ConnectionError("closed")
-            if line[3:4] != b"-":
-                return line
-
-    await reply()
-    writer.write(b"EHLO bench.example\r\n")
-    await reply()
-    ok = 0
-    for i in range(count):
-        writer.write(f"MAIL FROM:<bench@sender.example>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
-        for _ in range(3):
-            await reply()
-        writer.write(_message(cid * 1_000_000 + i, size) + b".\r\n")
-        if (await reply()).startswith(b"250"):
-            ok += 1
-    writer.write(b"QUIT\r\n")
-    await reply()
-    writer.close()
-    return ok
-
-
 def _smtp_proc(ports: list[int], rcpts: list[str], total: int, conns: int, size: int, go: Any, out: Any) -> None:
     """smtp_bench's clients, connection c on ports[c % len(ports)] to rcpts[c % len(rcpts)]; waits
     for ``go``."""
@@ -174,7 +145,7 @@ def _smtp_proc(ports: list[int], rcpts: list[str], total: int, conns: int, size:
     async def main() -> tuple[int, float]:
         per = total // conns
         t0 = time.perf_counter()
-        oks = await asyncio.gather(*(_smtp_connection(ports[c % len(ports)], per, size, c, rcpts[c % len(rcpts)])
+        oks = await asyncio.gather(*(send_messages(ports[c % len(ports)], per, size, c, rcpts[c % len(rcpts)])
                                      for c in range(conns)))
         return sum(oks), time.perf_counter() - t0
 
@@ -315,19 +286,7 @@ async def notify_latency(idle_node: ServerProcess, via: ServerProcess, samples: 
                 arrived.set()
 
     watcher = asyncio.create_task(watch())
-    reader, writer = await asyncio.open_connection("127.0.0.1", via.port("mx", "starttls"))
-
-    async def reply() -> bytes:
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise ConnectionError("closed")
-            if line[3:4] != b"-":
-                return line
-
-    await reply()
-    writer.write(b"EHLO bench.example\r\n")
-    await reply()
+    writer, reply = await smtp_session(via.port("mx", "starttls"))
     lat: list[float] = []
     early = 0
     try:

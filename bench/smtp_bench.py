@@ -20,6 +20,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ def _message(i: int, size: int) -> bytes:
     return head + body
 
 
-async def _one_connection(port: int, count: int, size: int, cid: int) -> int:
+async def smtp_session(port: int) -> tuple[asyncio.StreamWriter, Callable[[], Awaitable[bytes]]]:
+    """A plain connection to ``port`` after greeting and EHLO; ``reply()`` reads one whole reply
+    (its last line)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
     async def reply() -> bytes:
@@ -45,10 +48,16 @@ async def _one_connection(port: int, count: int, size: int, cid: int) -> int:
     await reply()
     writer.write(b"EHLO bench.example\r\n")
     await reply()
+    return writer, reply
+
+
+async def send_messages(port: int, count: int, size: int, cid: int, rcpt: str = "user@example.org") -> int:
+    """One connection sending ``count`` messages one after the other; the number acknowledged."""
+    writer, reply = await smtp_session(port)
     ok = 0
     for i in range(count):
         # PIPELINING: MAIL, RCPT and DATA in one write (RFC 2920), then the message.
-        writer.write(b"MAIL FROM:<bench@sender.example>\r\nRCPT TO:<user@example.org>\r\nDATA\r\n")
+        writer.write(f"MAIL FROM:<bench@sender.example>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
         for _ in range(3):
             await reply()
         writer.write(_message(cid * 1_000_000 + i, size) + b".\r\n")
@@ -64,7 +73,7 @@ def _clients(port: int, total: int, conns: int, size: int, out: Any) -> None:
     async def main() -> None:
         per = total // conns
         t0 = time.perf_counter()
-        oks = await asyncio.gather(*(_one_connection(port, per, size, c) for c in range(conns)))
+        oks = await asyncio.gather(*(send_messages(port, per, size, c) for c in range(conns)))
         out.put((sum(oks), time.perf_counter() - t0))
 
     asyncio.run(main())

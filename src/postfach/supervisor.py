@@ -50,7 +50,7 @@ from typing import Any
 
 from postfach import log as plog
 from postfach.config import Config, ListenerConfig
-from postfach.imap.counts import ACCOUNT_COUNTS_KEY, AccountCounts
+from postfach.imap.counts import ACCOUNT_COUNTS_KEY, AccountCounts, bump
 from postfach.types import AccountId
 
 log = logging.getLogger("postfach.supervisor")
@@ -622,16 +622,10 @@ class Supervisor:
                 first.channel.send(obj)
         elif kind == "acct":
             aid, delta = int(obj[1]), int(obj[2])
-            n = w.accounts.get(aid, 0) + delta
-            if n > 0:
-                w.accounts[aid] = n
-            else:
-                w.accounts.pop(aid, None)
+            bump(w.accounts, aid, delta)
             self._to_others(w, ("acct", w.index, aid, delta))
-        elif kind in ("changes", "auth"):  # to every other worker
-            for other in self.workers:
-                if other is not w and other.channel is not None and not other.channel.closed:
-                    other.channel.send(obj)
+        elif kind in ("changes", "auth"):
+            self._to_others(w, obj)
 
     def _to_others(self, w: _Worker, obj: Any) -> None:
         for other in self.workers:

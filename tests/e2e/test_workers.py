@@ -436,26 +436,10 @@ def test_workers_auto_in_config(tmp_path: Path) -> None:
 
 @pytest.fixture
 def pg_database() -> Iterator[str]:
-    import uuid
+    from tests.store.storehelpers import fresh_pg_database
 
-    import asyncpg
-    from tests.store.storehelpers import PG_SERVER_DSN, pg_dsn, run_sync
-
-    pg_dsn()  # fails (CI) or skips loudly when PostgreSQL is unreachable
-    name = f"postfach_workers_{uuid.uuid4().hex[:10]}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(PG_SERVER_DSN, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    run_sync(run(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_SERVER_DSN.rpartition("/")[0] + "/" + name
-    finally:
-        run_sync(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_pg_database("postfach_workers") as dsn:
+        yield dsn
 
 
 def test_postgres_store_with_two_workers_uses_its_own_notifications(tmp_path: Path, pg_database: str) -> None:

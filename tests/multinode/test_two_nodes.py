@@ -16,14 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import pytest
-from tests.store.storehelpers import PG_SERVER_DSN, pg_dsn, run_sync
+from tests.store.storehelpers import fresh_pg_database
 
 from postfach import cli
 
@@ -50,21 +48,8 @@ class Node:
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    pg_dsn()  # fails (CI) or skips loudly when PostgreSQL is unreachable
-    name = f"postfach_nodes_{uuid.uuid4().hex[:10]}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(PG_SERVER_DSN, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    run_sync(run(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_SERVER_DSN.rpartition("/")[0] + "/" + name
-    finally:
-        run_sync(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_pg_database("postfach_nodes") as dsn:
+        yield dsn
 
 
 def _init(d: Path, dsn: str) -> None:

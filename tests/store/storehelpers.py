@@ -7,8 +7,9 @@ PostgreSQL database and schema machinery lives there and is re-exported here.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,29 @@ async def opened(backend: str, path: Path, **kw: float) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
+
+
+@contextmanager
+def fresh_pg_database(prefix: str) -> Iterator[str]:
+    """A PostgreSQL database of its own (for what works on a whole database: several nodes, store
+    migrate); yields its DSN, dropped afterwards. Fails (CI) or skips loudly without PostgreSQL."""
+    import asyncpg
+
+    pg_dsn()
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(PG_SERVER_DSN, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    run_sync(run(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_SERVER_DSN.rpartition("/")[0] + "/" + name
+    finally:
+        run_sync(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def index_settled(store: Store) -> None:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
-from tests.store.storehelpers import PG_SERVER_DSN, msg, pg_dsn, run_sync
+from tests.store.storehelpers import fresh_pg_database, msg
 
 from postfach.cli import main
 from postfach.store.base import FlagOp, QueueRecipient, Store
@@ -30,21 +28,8 @@ pytestmark = [
 @pytest.fixture
 def fresh_db() -> Iterator[str]:
     """A database of its own: migrate works on a whole database, without a test schema."""
-    pg_dsn()  # fails or skips loudly when PostgreSQL is unreachable
-    name = f"postfach_mig_{uuid.uuid4().hex[:10]}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(PG_SERVER_DSN, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    run_sync(run(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_SERVER_DSN.rpartition("/")[0] + "/" + name
-    finally:
-        run_sync(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_pg_database("postfach_mig") as dsn:
+        yield dsn
 
 
 async def fill(store: Store) -> None:

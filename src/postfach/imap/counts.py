@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 from postfach.types import AccountId
 
 log = logging.getLogger("postfach.imap")
 
+K = TypeVar("K", bound=Hashable)
+
 #: Where the server's AccountCounts lives (``ServerContext.services``).
 ACCOUNT_COUNTS_KEY = "imap.account_connections"
+
+
+def bump(counts: dict[K, int], key: K, delta: int) -> None:
+    """Add ``delta`` to ``counts[key]``; a count that reaches 0 leaves the dict."""
+    n = counts.get(key, 0) + delta
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
 
 
 class AccountCounts:
@@ -32,11 +44,7 @@ class AccountCounts:
         return self.local.get(account_id, 0) + sum(r.get(account_id, 0) for r in self.remote.values())
 
     def add(self, account_id: AccountId, delta: int) -> None:
-        n = self.local.get(account_id, 0) + delta
-        if n > 0:
-            self.local[account_id] = n
-        else:
-            self.local.pop(account_id, None)
+        bump(self.local, account_id, delta)
         if self._relay is not None:
             try:
                 self._relay(account_id, delta)
@@ -44,12 +52,7 @@ class AccountCounts:
                 log.exception("imap: relaying a session count failed")
 
     def apply_remote(self, worker: int, account_id: AccountId, delta: int) -> None:
-        counts = self.remote.setdefault(worker, {})
-        n = counts.get(account_id, 0) + delta
-        if n > 0:
-            counts[account_id] = n
-        else:
-            counts.pop(account_id, None)
+        bump(self.remote.setdefault(worker, {}), account_id, delta)
 
     def replace_remote(self, snapshot: dict[int, dict[AccountId, int]]) -> None:
         self.remote = {int(w): {AccountId(a): int(n) for a, n in c.items() if n > 0} for w, c in snapshot.items()}

@@ -230,6 +230,21 @@ class _P:
         raw = self.astring()
         return decode_mailbox(raw, self)
 
+    def one_or_more_mailbox(self) -> list[str]:
+        """RFC 5465 §8 ``one-or-more-mailbox = mailbox / many-mailboxes`` (also ESEARCH IN,
+        RFC 7377 §2): one mailbox, or a parenthesized list of them."""
+        if self.peek() != 0x28:
+            return [self.mailbox()]
+        self.open_paren()
+        boxes: list[str] = []
+        while True:
+            boxes.append(self.mailbox())
+            if self.try_(b")"):
+                break
+            self.sp()
+        self.depth -= 1
+        return boxes
+
     def list_mailbox(self) -> str:
         ch = self.peek()
         if ch == 0x22 or ch == 0x7B:
@@ -912,16 +927,7 @@ def _esearch(p: _P) -> c.ESearch:
             boxes: list[str] = []
             if filt in ("SUBTREE", "SUBTREE-ONE", "MAILBOXES"):
                 p.sp()
-                if p.peek() == 0x28:
-                    p.open_paren()
-                    while True:
-                        boxes.append(p.mailbox())
-                        if p.try_(b")"):
-                            break
-                        p.sp()
-                    p.depth -= 1
-                else:
-                    boxes.append(p.mailbox())
+                boxes = p.one_or_more_mailbox()
             sources.append((filt, tuple(boxes)))
             if p.try_(b")"):
                 break
@@ -1226,16 +1232,7 @@ def _notify(p: _P) -> c.Notify:
         boxes: list[str] = []
         if filt in ("SUBTREE", "MAILBOXES"):
             p.sp()
-            if p.peek() == 0x28:
-                p.open_paren()
-                while True:
-                    boxes.append(p.mailbox())
-                    if p.try_(b")"):
-                        break
-                    p.sp()
-                p.depth -= 1
-            else:
-                boxes.append(p.mailbox())
+            boxes = p.one_or_more_mailbox()
         p.sp()
         events: list[str] = []
         if not p.try_ci(b"NONE"):

@@ -649,7 +649,6 @@ class SqliteStore:
         self._blob_open_sql = ""
         # Messages up to ``inline_max`` bytes live in inline.sqlite3, not in a file of their own.
         self.inline_max = max(0, inline_max)
-        self.has_inline = False  # inline.sqlite3 is open (always, once the store is)
         self._inline_path = self.path / INLINE_DB
         self._pconn: sqlite3.Connection | None = None  # the writer's connection to inline.sqlite3
         # Index rows of new blobs wait in ``_index_pending`` (writer thread only) and go in with
@@ -761,7 +760,6 @@ class SqliteStore:
             conn.execute(f"PRAGMA journal_size_limit = {int(self._wal_size_limit)}")
             self._wconn = conn
             self._pconn = self._open_inline()
-            self.has_inline = True
             self._blobs.prepare(clean_tmp=exclusive, pin_file=self.path / "pins")
             self._gc_pause_fd = os.open(self.path / "gc.lock", os.O_RDWR | os.O_CREAT, 0o640)
             self._gc_probe_fd = os.open(self.path / "gc.lock", os.O_RDWR)
@@ -1250,17 +1248,22 @@ class SqliteStore:
             if not batch:
                 self._finish(outcomes)
                 return
+        def fail(failed: Callable[[_WriteRequest], bool], exc: BaseException) -> bool:
+            """The requests ``failed`` picks get ``exc``; the others go on. True when none are left."""
+            nonlocal batch
+            err = _translate(exc)
+            outcomes.extend((r, False, err, None) for r in batch if failed(r))
+            batch = [r for r in batch if not failed(r)]
+            if not batch:
+                self._finish(outcomes)
+            return not batch
+
         if any(r.pins and r.barrier for r in batch):
-            # Blob files of this batch become durable before the commit that refers to them
-            # (inline blobs are durable with the commit itself).
+            # Blob files of this batch become durable before the commit that refers to them.
             try:
                 self._blobs.barrier()
             except OSError as exc:
-                err = _translate(exc)
-                outcomes += [(r, False, err, None) for r in batch if r.pins]
-                batch = [r for r in batch if not r.pins]
-                if not batch:
-                    self._finish(outcomes)
+                if fail(lambda r: bool(r.pins), exc):
                     return
         if any(r.inline for r in batch):
             # Small messages' bytes first, in inline.sqlite3, under the write lock: committed
@@ -1270,11 +1273,7 @@ class SqliteStore:
                 self._lock_writes()
                 self._commit_inline([row for r in batch for row in r.inline])
             except (sqlite3.Error, OSError) as exc:
-                err = _translate(exc)
-                outcomes += [(r, False, err, None) for r in batch if r.inline]
-                batch = [r for r in batch if not r.inline]
-                if not batch:
-                    self._finish(outcomes)
+                if fail(lambda r: bool(r.inline), exc):
                     return
         if self._run_fast(conn, batch, outcomes):
             return
@@ -1682,7 +1681,7 @@ class SqliteStore:
     # --------------------------------------------------------------------------------- ingest
     def _ingest_one(self, data: bytes) -> _Blob:
         blob_id = sha256_hex(data)
-        inline = data if self.has_inline and len(data) <= self.inline_max else None
+        inline = data if len(data) <= self.inline_max else None
         if inline is not None:
             # Small: the bytes go into the same transaction as the rows (no file, no pin: a
             # concurrent delete of the same content is ordered by the writer).
@@ -2631,10 +2630,9 @@ class SqliteStore:
         return _FileBlobReader(self, blob_id, row[0], row[1], row[2])
 
     async def read_blob(self, blob_id: BlobId) -> bytes:
-        if self.has_inline:
-            data = await self._point_read(lambda conn: self._inline_bytes(conn, blob_id))
-            if data is not None:
-                return data
+        data = await self._point_read(lambda conn: self._inline_bytes(conn, blob_id))
+        if data is not None:
+            return data
         return await self._in_blob_thread(self._blobs.read, blob_id)
 
     @staticmethod
@@ -2644,11 +2642,8 @@ class SqliteStore:
 
     def _blob_bytes_sync(self, conn: sqlite3.Connection, blob_id: str) -> bytes:
         """A blob's bytes, inline or from its file (a thread with a connection of its own)."""
-        if self.has_inline:
-            data = self._inline_bytes(conn, blob_id)
-            if data is not None:
-                return data
-        return self._blobs.read(blob_id)
+        data = self._inline_bytes(conn, blob_id)
+        return data if data is not None else self._blobs.read(blob_id)
 
     # ------------------------------------------------------------------ full-text index, sort keys
     async def flush_index(self) -> None:
